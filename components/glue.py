@@ -1,0 +1,147 @@
+"""What a component does inside its container: artifacts in, stage call, artifacts out.
+
+Each ``run_*`` function receives the generated component's arguments (its KFP artifacts and
+the stage's knobs), fills the stage config's wiring fields from the artifacts, calls the
+stage, and writes the output artifacts. Large data never goes through KFP's artifact store:
+shards and checkpoints live under ``data_root`` / ``work_root`` (``s3://`` on a cluster), at a
+location derived from the config's fingerprint, and the KFP artifact is a small JSON pointer
+to them (``{"uri": ...}``) with the same facts in its metadata, so the Kubeflow UI shows lineage.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from upstream import storage
+from upstream.tracking import GROUP_ENV
+
+log = logging.getLogger(__name__)
+
+
+def _setup(run_group: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if run_group:
+        os.environ[GROUP_ENV] = run_group
+
+
+def read_pointer(artifact: Any) -> str:
+    """The ``uri`` an upstream artifact points to."""
+    return json.loads(Path(artifact.path).read_text())["uri"]
+
+
+def write_pointer(artifact: Any, uri: str, **facts: Any) -> None:
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(json.dumps({"uri": uri, **facts}, indent=2, sort_keys=True))
+    artifact.metadata.update({"uri": uri, **facts})
+
+
+def _scalar_facts(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if isinstance(v, str | int | float | bool)}
+
+
+def write_plots_html(html: Any, run_id: str | None, title: str) -> None:
+    """Embed the PNG plots of an MLflow run in an HTML artifact the Kubeflow UI renders."""
+    parts = [f"<html><body><h2>{title}</h2>"]
+    if run_id:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        stack = [""]
+        while stack:
+            for item in client.list_artifacts(run_id, stack.pop() or None):
+                if item.is_dir:
+                    stack.append(item.path)
+                elif item.path.endswith(".png"):
+                    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=item.path)
+                    data = base64.b64encode(Path(local).read_bytes()).decode()
+                    parts.append(f"<h3>{item.path}</h3><img src='data:image/png;base64,{data}'/>")
+        parts.append(f"<p>MLflow run: {run_id}</p>")
+    parts.append("</body></html>")
+    Path(html.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(html.path).write_text("\n".join(parts))
+
+
+def run_shard(dataset: Any, data_root: str, run_group: str = "", **knobs: Any) -> None:
+    from upstream.shard import ShardConfig, shard
+
+    _setup(run_group)
+    unplaced = ShardConfig.parse(**knobs)
+    slug = unplaced.source.replace(":", "-").replace("/", "-")
+    output = storage.join(data_root, "shards", f"{slug}-{unplaced.split}-{unplaced.fingerprint()}")
+    manifest = shard(ShardConfig.parse(**knobs, output=output))
+    write_pointer(
+        dataset,
+        output,
+        num_samples=manifest["num_samples"],
+        num_classes=manifest["num_classes"],
+        fingerprint=manifest["fingerprint"],
+    )
+
+
+def run_pretrain(
+    data: Any, checkpoint: Any, plots: Any, work_root: str, run_group: str = "", **knobs: Any
+) -> None:
+    from upstream.pretrain import PretrainConfig, pretrain
+
+    _setup(run_group)
+    unplaced = PretrainConfig.parse(**knobs, data=read_pointer(data))
+    output = storage.join(work_root, "pretrain", unplaced.fingerprint())
+    result = pretrain(PretrainConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output))
+    write_pointer(checkpoint, result["checkpoint"], **_scalar_facts(result))
+    write_plots_html(plots, result.get("mlflow_run_id"), "Pre-training")
+
+
+def run_finetune(
+    pretrained: Any,
+    data: Any,
+    finetuned: Any,
+    plots: Any,
+    work_root: str,
+    run_group: str = "",
+    **knobs: Any,
+) -> None:
+    from upstream.finetune import FinetuneConfig, finetune
+
+    _setup(run_group)
+    unplaced = FinetuneConfig.parse(
+        **knobs, pretrained=read_pointer(pretrained), data=read_pointer(data)
+    )
+    output = storage.join(work_root, "finetune", unplaced.fingerprint())
+    result = finetune(FinetuneConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output))
+    write_pointer(finetuned, result["model"], **_scalar_facts(result))
+    write_plots_html(plots, result.get("mlflow_run_id"), "Fine-tuning")
+
+
+def run_evaluate(
+    model: Any,
+    id_data: Any,
+    ood_data: Any,
+    metrics: Any,
+    id_confusion: Any,
+    ood_confusion: Any,
+    plots: Any,
+    run_group: str = "",
+    **knobs: Any,
+) -> None:
+    from upstream.evaluate import EvaluateConfig, evaluate
+
+    _setup(run_group)
+    config = EvaluateConfig.parse(
+        **knobs,
+        model=read_pointer(model),
+        id_data=read_pointer(id_data),
+        ood_data=read_pointer(ood_data),
+    )
+    result = evaluate(config)
+    for split in ("id", "ood"):
+        metrics.log_metric(f"{split}_top1", float(result[split]["top1"]))
+        metrics.log_metric(f"{split}_macro_f1", float(result[split]["macro_f1"]))
+    names = list(result["class_names"])
+    id_confusion.log_confusion_matrix(names, result["id"]["confusion_matrix"])
+    ood_confusion.log_confusion_matrix(names, result["ood"]["confusion_matrix"])
+    write_plots_html(plots, result.get("mlflow_run_id"), "Evaluation")

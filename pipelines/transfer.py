@@ -1,0 +1,166 @@
+"""The ``transfer`` pipeline: shard → pretrain → finetune → evaluate.
+
+Four shard steps make the pre-training set, the downstream training set, the in-distribution
+test set and its corrupted out-of-distribution copy; one model is pre-trained, fine-tuned with
+LP-FT on k shots per class and evaluated on both test sets. Every parameter takes its type,
+default and description from a stage config model; the few that set the same field of several
+steps (image size, data seed, experiment) are shared.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kfp import dsl, kubernetes
+
+from upstream.components.factory import Param, knob_params, pipeline_function
+from upstream.components.stages import (
+    DATA_ROOT,
+    WORK_ROOT,
+    evaluate_op,
+    finetune_op,
+    pretrain_op,
+    shard_op,
+)
+from upstream.evaluate import EvaluateConfig
+from upstream.finetune import FinetuneConfig
+from upstream.pretrain import PretrainConfig
+from upstream.shard import ShardConfig
+
+#: Kubernetes Secret with the S3 keys and ConfigMap with the endpoints (charts/upstream makes
+#: both), mounted as environment variables so that no credential is in the compiled YAML.
+S3_SECRET = "upstream-s3"
+SETTINGS_CONFIG_MAP = "upstream-settings"
+SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+SETTINGS_ENV = {
+    "AWS_ENDPOINT_URL_S3": "AWS_ENDPOINT_URL_S3",
+    "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
+}
+
+PARAMS: list[Param] = [
+    Param.from_field(PretrainConfig, "experiment"),
+    DATA_ROOT,
+    WORK_ROOT,
+    Param.from_field(ShardConfig, "source", "pretrain_source", default="fractals",
+                     description="Pre-training data: " + ShardConfig.model_fields["source"].description),
+    Param.from_field(ShardConfig, "num_classes", "pretrain_num_classes", default=10),
+    Param.from_field(ShardConfig, "samples_per_class", "pretrain_samples_per_class", default=200),
+    Param.from_field(ShardConfig, "source", "downstream_source", default="digits",
+                     description="Downstream data (train and test splits): "
+                     + ShardConfig.model_fields["source"].description),
+    Param.from_field(ShardConfig, "corruption", "ood_corruption", default="mixed"),
+    Param.from_field(ShardConfig, "severity", "ood_severity"),
+    Param.from_field(ShardConfig, "image_size"),
+    Param.from_field(ShardConfig, "image_format"),
+    Param.from_field(ShardConfig, "seed", "data_seed"),
+    *[p for p in knob_params(PretrainConfig, "pretrain_") if p.name != "pretrain_experiment"],
+    *[p for p in knob_params(FinetuneConfig, "finetune_") if p.name != "finetune_experiment"],
+    *[p for p in knob_params(EvaluateConfig, "evaluate_") if p.name != "evaluate_experiment"],
+]
+
+
+def _stage_args(p: Any, prefix: str, config: type) -> dict[str, Any]:
+    names = [n for n in config.knob_fields() if n != "experiment"]
+    return {n: getattr(p, prefix + n) for n in names}
+
+
+def _with_cluster_env(task: Any) -> Any:
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=SECRET_ENV)
+    kubernetes.use_config_map_as_env(
+        task, config_map_name=SETTINGS_CONFIG_MAP, config_map_key_to_env=SETTINGS_ENV
+    )
+    return task
+
+
+def _build(p: Any) -> Any:
+    group = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+    data = dict(
+        image_size=p.image_size,
+        image_format=p.image_format,
+        seed=p.data_seed,
+        data_root=p.data_root,
+        experiment=p.experiment,
+        run_group=group,
+    )
+    pre_data = shard_op(
+        source=p.pretrain_source,
+        split="train",
+        num_classes=p.pretrain_num_classes,
+        samples_per_class=p.pretrain_samples_per_class,
+        **data,
+    ).set_display_name("shard pre-training data")
+    train_data = shard_op(source=p.downstream_source, split="train", **data).set_display_name(
+        "shard downstream train"
+    )
+    id_data = shard_op(source=p.downstream_source, split="test", **data).set_display_name(
+        "shard ID test"
+    )
+    ood_data = shard_op(
+        source=p.downstream_source,
+        split="test",
+        corruption=p.ood_corruption,
+        severity=p.ood_severity,
+        **data,
+    ).set_display_name("shard OOD test")
+    pretrained = pretrain_op(
+        data=pre_data.outputs["dataset"],
+        work_root=p.work_root,
+        experiment=p.experiment,
+        run_group=group,
+        **_stage_args(p, "pretrain_", PretrainConfig),
+    ).set_display_name("pretrain")
+    finetuned = finetune_op(
+        pretrained=pretrained.outputs["checkpoint"],
+        data=train_data.outputs["dataset"],
+        work_root=p.work_root,
+        experiment=p.experiment,
+        run_group=group,
+        **_stage_args(p, "finetune_", FinetuneConfig),
+    ).set_display_name("finetune")
+    evaluated = evaluate_op(
+        model=finetuned.outputs["finetuned"],
+        id_data=id_data.outputs["dataset"],
+        ood_data=ood_data.outputs["dataset"],
+        experiment=p.experiment,
+        run_group=group,
+        **_stage_args(p, "evaluate_", EvaluateConfig),
+    ).set_display_name("evaluate")
+    for task in (pre_data, train_data, id_data, ood_data, pretrained, finetuned, evaluated):
+        _with_cluster_env(task)
+    return evaluated.outputs["metrics"]
+
+
+transfer = dsl.pipeline(
+    name="transfer",
+    description="Pre-train on one source, fine-tune with LP-FT on k shots, evaluate ID and OOD.",
+)(pipeline_function("transfer", PARAMS, _build, __doc__.strip().split("\n\n")[0], returns="Metrics"))
+
+
+def stage_configs(values: dict[str, Any]) -> list[Any]:
+    """The stage configs a run with these parameter values will use (wiring left blank).
+
+    ``upstream run`` validates them before starting anything, so that a bad value is a
+    one-line error naming the parameter instead of a failed pipeline step minutes later.
+    """
+    v = {p.name: p.default for p in PARAMS} | values
+    data = {"image_size": v["image_size"], "image_format": v["image_format"],
+            "seed": v["data_seed"], "experiment": v["experiment"]}
+    shards = [
+        ShardConfig.parse(source=v["pretrain_source"], split="train",
+                          num_classes=v["pretrain_num_classes"],
+                          samples_per_class=v["pretrain_samples_per_class"], **data),
+        ShardConfig.parse(source=v["downstream_source"], split="train", **data),
+        ShardConfig.parse(source=v["downstream_source"], split="test",
+                          corruption=v["ood_corruption"], severity=v["ood_severity"], **data),
+    ]
+
+    def stage(config: type, prefix: str, **wiring: str) -> Any:
+        knobs = {n: v[prefix + n] for n in config.knob_fields() if n != "experiment"}
+        return config.parse(**knobs, experiment=v["experiment"], **wiring)
+
+    return [
+        *shards,
+        stage(PretrainConfig, "pretrain_", data="-"),
+        stage(FinetuneConfig, "finetune_", pretrained="-", data="-"),
+        stage(EvaluateConfig, "evaluate_", model="-", id_data="-", ood_data="-"),
+    ]

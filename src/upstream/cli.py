@@ -1,0 +1,223 @@
+"""The ``upstream`` command line.
+
+Every stage command's options are derived from that stage's config model (name, type,
+default and help come from the pydantic field), and every ``upstream run PIPELINE`` option from
+the pipeline's parameters, so nothing is declared twice. Errors are one line on stderr and a
+non-zero exit (2 for bad input).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from upstream.config import StageConfig, literal_choices
+from upstream.errors import UpstreamError
+
+app = typer.Typer(
+    help="upstream: controlled studies of how pre-training data shapes transfer learning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+services_app = typer.Typer(help="The local S3 server and MLflow server.", no_args_is_help=True)
+run_app = typer.Typer(help="Run a pipeline locally (--local) or on Kubeflow (--host).",
+                      no_args_is_help=True)
+app.add_typer(services_app, name="services")
+app.add_typer(run_app, name="run")
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _option(name: str, annotation: Any, default: Any, help_text: str) -> inspect.Parameter:
+    choices = literal_choices(annotation)
+    if choices is not None:
+        annotation = type(choices[0])
+        help_text += f" [choices: {', '.join(map(str, choices))}]"
+    required = default is ... or default is None and annotation is not Any
+    option = typer.Option(... if required else default, "--" + name.replace("_", "-"),
+                          help=help_text, show_default=not required)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
+    )
+
+
+def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UpstreamError as e:
+            raise fail(str(e)) from None
+
+    return wrapper
+
+
+def _use_local_services() -> None:
+    """Point clients at the local services when they are up and nothing else is set."""
+    from upstream import services
+
+    info = services.status()
+    if info is not None:
+        services.apply_env(info)
+
+
+def stage_command(config_cls: type[StageConfig], run: Callable[[Any], Any], summary: str) -> None:
+    """Register ``upstream <stage>`` with one option per config field."""
+
+    def command(**values: Any) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        config = config_cls.parse(**values)
+        _use_local_services()
+        result = run(config)
+        typer.echo(json.dumps(_brief(result), indent=2, default=str))
+
+    params = [
+        _option(name, f.annotation, f.default if not f.is_required() else ..., f.description or "")
+        for name, f in config_cls.model_fields.items()
+    ]
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__name__ = config_cls.stage
+    command.__doc__ = summary
+    app.command(name=config_cls.stage, help=summary)(_guarded(command))
+
+
+def _brief(result: Any) -> Any:
+    """A result without its bulky parts (shard lists, confusion matrices)."""
+    if isinstance(result, dict):
+        return {
+            k: _brief(v)
+            for k, v in result.items()
+            if k not in ("shards", "config", "confusion_matrix", "per_class_f1")
+        }
+    return result
+
+
+def _register_stages() -> None:
+    from upstream import evaluate, finetune, pretrain, shard
+
+    stage_command(shard.ShardConfig, shard.shard,
+                  "Write a source as WebDataset shards plus manifest.json.")
+    stage_command(pretrain.PretrainConfig, pretrain.pretrain,
+                  "Pre-train an image encoder (clip or supervised) on shards.")
+    stage_command(finetune.FinetuneConfig, finetune.finetune,
+                  "Fine-tune a pre-trained encoder with LP-FT on k shots per class.")
+    stage_command(evaluate.EvaluateConfig, evaluate.evaluate,
+                  "Evaluate a fine-tuned model on ID and OOD test shards.")
+
+
+@app.command("compile")
+@_guarded
+def compile_cmd(
+    output_dir: Path = typer.Option(None, "--output-dir", help="Folder for the YAML files "
+                                    "(default: pipelines/compiled in the source tree)."),
+    check: bool = typer.Option(False, "--check", help="Exit 1 if a checked-in YAML is stale."),
+) -> None:
+    """Compile every pipeline to YAML (byte-deterministic)."""
+    from upstream.compile import compile_all, default_output_dir
+
+    out = output_dir or default_output_dir()
+    stale = compile_all(out, check=check)
+    if check and stale:
+        raise fail(f"stale compiled pipelines: {', '.join(stale)} (run `upstream compile`)", 1)
+    typer.echo(f"{'checked' if check else 'wrote'} pipelines in {out}")
+
+
+@services_app.command("up")
+@_guarded
+def services_up() -> None:
+    """Start the local S3 server (SeaweedFS) and MLflow server, if not running."""
+    from upstream import services
+
+    info = services.up()
+    typer.echo(services.describe(info))
+
+
+@services_app.command("down")
+@_guarded
+def services_down() -> None:
+    """Stop the local services."""
+    from upstream import services
+
+    services.down()
+    typer.echo("local services stopped")
+
+
+@services_app.command("status")
+@_guarded
+def services_status() -> None:
+    """Say whether the local services run, and where."""
+    from upstream import services
+
+    info = services.status()
+    if info is None:
+        typer.echo("local services are not running (start them with `upstream services up`)")
+        raise typer.Exit(3)
+    typer.echo(services.describe(info))
+
+
+def _register_pipelines() -> None:
+    from upstream.pipelines.registry import pipelines
+
+    for name, (pipeline, params) in pipelines().items():
+        _register_pipeline(name, pipeline, params)
+
+
+def _register_pipeline(name: str, pipeline: Any, params: list[Any]) -> None:
+    def command(
+        *,
+        local: bool,
+        host: str,
+        stop_services: bool,
+        **values: Any,
+    ) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from upstream.pipelines import launch
+
+        if local == bool(host):
+            raise UpstreamError("choose one of --local (run here) or --host URL (Kubeflow)")
+        if local:
+            summary = launch.run_local(name, values, stop_services=stop_services)
+            typer.echo(summary)
+        else:
+            typer.echo(launch.submit(name, values, host))
+
+    opts = [
+        inspect.Parameter("local", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--local", help="Run here through "
+                          "kfp.local against the local services (started if needed).")),
+        inspect.Parameter("host", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                          default=typer.Option("", "--host", help="Kubeflow Pipelines API URL "
+                          "to submit the run to.")),
+        inspect.Parameter("stop_services", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--stop-services", help="With --local: "
+                          "stop the local services at the end (they stay up by default so that "
+                          "the MLflow UI can be browsed).")),
+    ]
+    opts += [_option(p.name, p.type, p.default, p.description) for p in params]
+    command.__signature__ = inspect.Signature(opts)  # type: ignore[attr-defined]
+    doc = (pipeline.description or name).strip()
+    run_app.command(name=name, help=doc)(_guarded(command))
+
+
+_register_stages()
+_register_pipelines()
+
+
+def main() -> None:
+    try:
+        app()
+    except UpstreamError as e:  # raised outside a command (e.g. while registering)
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)

@@ -1,0 +1,214 @@
+"""One storage layer for ``s3://`` URIs and local paths.
+
+S3 settings come from the environment, as for every AWS client: ``AWS_ENDPOINT_URL_S3`` (or
+``AWS_ENDPOINT_URL``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``; nothing here takes
+credentials as arguments, so they never reach a config, a compiled pipeline or MLflow.
+Local writes are atomic (temporary file, then rename), so a reader never sees half an object.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from upstream.errors import UpstreamError
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise UpstreamError(f"invalid S3 URI {uri!r}: no bucket")
+    return bucket, key
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        out = base.rstrip("/")
+        for p in parts:
+            out += "/" + p.strip("/")
+        return out
+    return str(Path(base, *parts))
+
+
+def endpoint_url() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@functools.cache
+def _client(endpoint: str | None, key_id: str | None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=5,
+        read_timeout=120,
+        retries={"mode": "standard", "total_max_attempts": 5},
+        s3={"addressing_style": "path"},
+    )
+    return boto3.client("s3", endpoint_url=endpoint, config=config,
+                        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for the current environment (cached per endpoint and key)."""
+    return _client(endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"))
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, in one line, when the S3 endpoint or bucket behind ``uri`` is unusable."""
+    if not is_s3(uri):
+        return
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    bucket, _ = split_s3(uri)
+    client = _client(endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"))
+    where = endpoint_url() or "AWS S3"
+    try:
+        # A cheap call with no retries: the point is to fail before any compute.
+        client.head_bucket(Bucket=bucket)
+    except EndpointConnectionError:
+        raise UpstreamError(f"S3 endpoint {where} is unreachable (for {uri})") from None
+    except NoCredentialsError:
+        raise UpstreamError(f"no S3 credentials in the environment (for {uri})") from None
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket"):
+            raise UpstreamError(f"S3 bucket {bucket!r} does not exist at {where}") from None
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise UpstreamError(f"S3 at {where} refused access to bucket {bucket!r}") from None
+        raise UpstreamError(f"S3 error for {uri}: {code or e}") from None
+    except Exception as e:  # noqa: BLE001 - any other transport failure is "unreachable"
+        raise UpstreamError(f"S3 endpoint {where} is unreachable (for {uri}): {e}") from None
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+    return Path(uri).exists()
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise UpstreamError(f"{uri} does not exist") from None
+            raise
+    path = Path(uri)
+    if not path.exists():
+        raise UpstreamError(f"{uri} does not exist")
+    return path.read_bytes()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def upload_file(local: str | Path, uri: str) -> None:
+    """Copy a local file to ``uri`` (multipart on S3 for large files)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().upload_file(str(local), bucket, key)
+        return
+    dest = Path(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part")
+    shutil.copyfile(local, tmp)
+    os.replace(tmp, dest)
+
+
+def download_file(uri: str, local: str | Path) -> Path:
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    if is_s3(uri):
+        if not exists(uri):
+            raise UpstreamError(f"{uri} does not exist")
+        bucket, key = split_s3(uri)
+        s3_client().download_file(bucket, key, str(local))
+    else:
+        if not Path(uri).exists():
+            raise UpstreamError(f"{uri} does not exist")
+        shutil.copyfile(uri, local)
+    return local
+
+
+def open_read(uri: str) -> IO[bytes]:
+    """A readable binary stream (S3 objects are streamed, not downloaded first)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    return open(uri, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def list_files(prefix: str) -> Iterator[str]:
+    """Every object under ``prefix`` (a folder), as full URIs, in sorted order."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        paginator = s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                yield f"s3://{bucket}/{obj['Key']}"
+        return
+    root = Path(prefix)
+    if root.is_dir():
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                yield str(p)
+
+
+def remove(prefix: str) -> None:
+    """Delete everything under ``prefix`` (used to clear a half-written output)."""
+    if is_s3(prefix):
+        bucket, _ = split_s3(prefix)
+        keys = [split_s3(u)[1] for u in list_files(prefix)]
+        for i in range(0, len(keys), 1000):
+            chunk = [{"Key": k} for k in keys[i : i + 1000]]
+            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": chunk})
+        return
+    path = Path(prefix)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
