@@ -137,7 +137,8 @@ def stage_component(
     import sys
 
     module_doc = sys.modules[config.__module__].__doc__ or f"The {config.stage} stage."
-    doc = module_doc.strip().split("\n\n")[0]
+    # One line: KFP's docstring parser loses the Args section after a wrapped summary.
+    doc = " ".join(module_doc.strip().split("\n\n")[0].split())
     body = (
         f"    from upstream.components.glue import {glue}\n"
         f"    {glue}(**locals())"

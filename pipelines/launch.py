@@ -76,13 +76,11 @@ def _summary(
     name: str, run_dir: Path, elapsed: float, metrics: dict[str, Any], info: Any,
     values: dict[str, Any],
 ) -> str:
-    from upstream import services
-
     lines = [f"{name} finished in {elapsed:.0f} s", f"pipeline outputs: {run_dir}"]
     for key in sorted(metrics):
         lines.append(f"  {key}: {metrics[key]:.4f}")
     lines.append(f"data: {values.get('data_root')}   models: {values.get('work_root')}")
-    url = services.mlflow_url(info)
+    url = info.ui_url
     exp_id = _experiment_id(values.get("experiment", "upstream"))
     lines.append(f"MLflow UI: {url}/#/experiments/{exp_id}" if exp_id else f"MLflow UI: {url}")
     lines.append(f"MLflow runs of this pipeline run carry the tag upstream.group={run_dir.name}")

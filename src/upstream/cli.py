@@ -134,6 +134,16 @@ def compile_cmd(
     typer.echo(f"{'checked' if check else 'wrote'} pipelines in {out}")
 
 
+def _describe_services(info: Any) -> str:
+    return "\n".join([
+        f"S3 (SeaweedFS): {info.s3_endpoint}   data root: {info.data_root}",
+        f"MLflow UI:      {info.ui_url}",
+        f"state and logs: {info.services_dir}",
+        "clients: upstream commands use these automatically; other tools need the "
+        "variables printed by `upstream services env`",
+    ])
+
+
 @services_app.command("up")
 @_guarded
 def services_up() -> None:
@@ -141,7 +151,7 @@ def services_up() -> None:
     from upstream import services
 
     info = services.up()
-    typer.echo(services.describe(info))
+    typer.echo(_describe_services(info))
 
 
 @services_app.command("down")
@@ -154,6 +164,19 @@ def services_down() -> None:
     typer.echo("local services stopped")
 
 
+@services_app.command("env")
+@_guarded
+def services_env() -> None:
+    """Print shell `export` lines for the running services (includes the S3 keys)."""
+    from upstream import services
+
+    info = services.status()
+    if info is None:
+        raise fail("local services are not running (start them with `upstream services up`)", 3)
+    for key, value in services.env(info).items():
+        typer.echo(f"export {key}={value}")
+
+
 @services_app.command("status")
 @_guarded
 def services_status() -> None:
@@ -164,7 +187,7 @@ def services_status() -> None:
     if info is None:
         typer.echo("local services are not running (start them with `upstream services up`)")
         raise typer.Exit(3)
-    typer.echo(services.describe(info))
+    typer.echo(_describe_services(info))
 
 
 def _register_pipelines() -> None:

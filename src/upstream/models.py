@@ -220,7 +220,7 @@ class PretrainModel(nn.Module):
 
 
 def build_pretrain_model(name: str, method: str, num_classes: int = 0) -> PretrainModel:
-    """The model ``method`` trains: ``clip`` → whole open_clip model; ``supervised`` → tower + head."""
+    """What ``method`` trains: clip → the whole open_clip model; supervised → tower + head."""
     validate_model_name(name)
     mean, std = normalisation(name)
     if method == "clip":

@@ -212,3 +212,12 @@ def remove(prefix: str) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def remove_file(uri: str) -> None:
+    """Delete one object or file if it is there (a completion marker, before a rewrite)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().delete_object(Bucket=bucket, Key=key)
+        return
+    Path(uri).unlink(missing_ok=True)

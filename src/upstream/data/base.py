@@ -1,0 +1,155 @@
+"""What every source gives the shard writer: labelled RGB images with random access.
+
+A source knows its samples (a label per index) before producing any image, so the writer can
+subset and shuffle indices first and render or decode one image at a time afterwards.
+"""
+
+from __future__ import annotations
+
+import abc
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from upstream.errors import UpstreamError
+
+#: ``SPLIT_IDS[split]`` feeds the seeds of synthetic sources, so splits never share instances.
+SPLIT_IDS = {"train": 0, "test": 1}
+
+
+def seed_words(*parts: int | str) -> list[int]:
+    """Entropy for ``np.random.default_rng``: strings hashed, ints made non-negative."""
+    out = []
+    for p in parts:
+        if isinstance(p, str):
+            out.append(zlib.crc32(p.encode()))
+        else:
+            out.append(int(p) % (2**63))
+    return out
+
+
+class Source(abc.ABC):
+    """Labelled images: ``labels[i]`` is known up front, ``image(i)`` makes the picture."""
+
+    #: Short name recorded in each sample's metadata.
+    kind: str = ""
+    #: A caption template that reads better for this source than the generic default.
+    caption_template: str | None = None
+
+    def __init__(self, class_names: Sequence[str], labels: Sequence[int], split: str) -> None:
+        self.class_names = list(class_names)
+        self.labels = [int(v) for v in labels]
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @abc.abstractmethod
+    def image(self, index: int) -> Image.Image:
+        """The RGB image of sample ``index`` (any size: the writer resizes)."""
+
+    def meta(self, index: int) -> dict[str, Any]:
+        """Source-specific facts about sample ``index`` for its metadata (e.g. a file name)."""
+        return {}
+
+    def sample(self, index: int) -> tuple[Image.Image, int, dict[str, Any]]:
+        """``(image, label, meta)`` for sample ``index``."""
+        meta = {
+            "source": self.kind,
+            "split": self.split,
+            "index": index,
+            "class_name": self.class_names[self.labels[index]],
+            **self.meta(index),
+        }
+        return self.image(index), self.labels[index], meta
+
+
+def select(
+    labels: Sequence[int],
+    num_classes_available: int,
+    *,
+    num_classes: int,
+    samples_per_class: int,
+    seed: int,
+    what: str,
+) -> tuple[list[int], list[int]]:
+    """Which samples of a fixed dataset to keep: ``(kept indices, kept classes)``.
+
+    The first ``num_classes`` classes (not a seeded choice, so that the train and test shards
+    of a source always agree on the classes), then a seeded choice of at most
+    ``samples_per_class`` samples of each, kept in source order.
+    """
+    if num_classes > num_classes_available:
+        raise UpstreamError(
+            f"{what} has {num_classes_available} classes; num_classes={num_classes} asks for more"
+        )
+    classes = list(range(num_classes or num_classes_available))
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed_words("select", seed))
+    kept: list[int] = []
+    for c in classes:
+        members = np.flatnonzero(labels_arr == c)
+        if samples_per_class and len(members) > samples_per_class:
+            members = np.sort(rng.choice(members, size=samples_per_class, replace=False))
+        kept.extend(int(i) for i in members)
+    return sorted(kept), classes
+
+
+class Subset(Source):
+    """Some samples of another source, relabelled to ``0..len(classes)-1``."""
+
+    def __init__(self, base: Source, indices: Sequence[int], classes: Sequence[int]) -> None:
+        remap = {c: i for i, c in enumerate(classes)}
+        super().__init__(
+            [base.class_names[c] for c in classes],
+            [remap[base.labels[i]] for i in indices],
+            base.split,
+        )
+        self.base = base
+        self.indices = list(indices)
+        self.kind = base.kind
+        self.caption_template = base.caption_template
+
+    def image(self, index: int) -> Image.Image:
+        return self.base.image(self.indices[index])
+
+    def meta(self, index: int) -> dict[str, Any]:
+        # The base source's index, so that a sample is recognisable across subsets.
+        return {**self.base.meta(self.indices[index]), "index": self.indices[index]}
+
+    def sample(self, index: int) -> tuple[Image.Image, int, dict[str, Any]]:
+        img, _, meta = self.base.sample(self.indices[index])
+        return img, self.labels[index], meta
+
+
+def subset(
+    base: Source, *, num_classes: int, samples_per_class: int, seed: int, what: str
+) -> Source:
+    """``base`` cut down to the first ``num_classes`` classes and ``samples_per_class`` each."""
+    if not num_classes and not samples_per_class:
+        return base
+    indices, classes = select(
+        base.labels,
+        len(base.class_names),
+        num_classes=num_classes,
+        samples_per_class=samples_per_class,
+        seed=seed,
+        what=what,
+    )
+    return Subset(base, indices, classes)
+
+
+def fit(img: Image.Image, size: int) -> Image.Image:
+    """``img`` as a ``size``×``size`` RGB image: shorter side resized, then centre-cropped."""
+    img = img.convert("RGB")
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))

@@ -1,0 +1,114 @@
+"""``ShardConfig.source`` strings → :class:`Source` objects.
+
+``digits``, ``fractals``, ``shapes``, ``imagefolder:DIR`` or ``torchvision:NAME``. Checking a
+string happens in three steps, each as early as it can be: its syntax when the config is
+parsed (:func:`parse_source`), the torchvision name before any other work
+(:func:`check_source`), and everything about the data itself when it is opened
+(:func:`open_source`), still before a single image is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from upstream.data.base import Source, subset
+from upstream.errors import UpstreamError
+
+SYNTHETIC = ("digits", "fractals", "shapes")
+WITH_ARGUMENT = ("imagefolder", "torchvision")
+KINDS = SYNTHETIC + WITH_ARGUMENT
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str
+    arg: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.arg}" if self.arg else self.kind
+
+
+def parse_source(text: str) -> SourceSpec:
+    """The syntax of a source string (no file system or import): raises :class:`UpstreamError`."""
+    kind, sep, arg = text.partition(":")
+    kind = kind.strip()
+    if kind not in KINDS:
+        raise UpstreamError(
+            f"unknown source {text!r}: use digits, fractals, shapes, imagefolder:DIR or "
+            "torchvision:NAME"
+        )
+    if kind in WITH_ARGUMENT and not arg.strip():
+        what = "DIR" if kind == "imagefolder" else "NAME"
+        raise UpstreamError(f"source {kind} needs a {what}: {kind}:{what}")
+    if kind in SYNTHETIC and sep:
+        raise UpstreamError(f"source {kind} takes no argument (got {text!r})")
+    return SourceSpec(kind, arg.strip())
+
+
+def check_source(spec: SourceSpec) -> None:
+    """The checks that need imports but no data: a torchvision name must exist."""
+    if spec.kind == "torchvision":
+        from upstream.data.tvdatasets import dataset_class
+
+        dataset_class(spec.arg)
+
+
+def open_source(
+    spec: SourceSpec | str,
+    split: str,
+    *,
+    num_classes: int = 0,
+    samples_per_class: int = 0,
+    image_size: int = 32,
+    seed: int = 0,
+) -> Source:
+    """The samples the shard stage will write, validated (class counts, folders, ...).
+
+    For synthetic sources ``num_classes`` and ``samples_per_class`` say how much to make
+    (0 = the source's default); for fixed data they cut it down (0 = all).
+    """
+    if isinstance(spec, str):
+        spec = parse_source(spec)
+    if split not in ("train", "test"):
+        raise UpstreamError(f"unknown split {split!r} (train or test)")
+    check_source(spec)
+    if spec.kind == "fractals":
+        from upstream.data.fractals import FractalSource
+
+        return FractalSource(
+            split,
+            num_categories=num_classes,
+            instances=samples_per_class,
+            image_size=image_size,
+            seed=seed,
+        )
+    if spec.kind == "shapes":
+        from upstream.data.shapes import ShapeSource
+
+        return ShapeSource(
+            split,
+            num_classes=num_classes,
+            instances=samples_per_class,
+            image_size=image_size,
+            seed=seed,
+        )
+    base: Source
+    if spec.kind == "digits":
+        from upstream.data.digits import DigitsSource
+
+        base = DigitsSource(split)
+    elif spec.kind == "imagefolder":
+        from upstream.data.imagefolder import ImageFolderSource
+
+        base = ImageFolderSource(spec.arg, split)
+    else:
+        from upstream.data.tvdatasets import TorchvisionSource, open_dataset
+
+        base = TorchvisionSource(open_dataset(spec.arg, split), spec.arg, split)
+    return subset(
+        base,
+        num_classes=num_classes,
+        samples_per_class=samples_per_class,
+        seed=seed,
+        what=str(spec),
+    )

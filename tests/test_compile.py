@@ -1,0 +1,27 @@
+"""`upstream compile` is byte-deterministic and the checked-in YAML is current."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from upstream.compile import compile_all, default_output_dir
+
+
+def test_compile_twice_is_byte_identical(tmp_path: Path) -> None:
+    compile_all(tmp_path / "a")
+    compile_all(tmp_path / "b")
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.yaml"))
+    assert names == ["transfer.yaml"]
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_checked_in_yaml_is_current() -> None:
+    stale = compile_all(default_output_dir(), check=True)
+    assert stale == [], f"run `upstream compile`: {stale} differ from their sources"
+
+
+def test_check_reports_a_stale_file(tmp_path: Path) -> None:
+    compile_all(tmp_path)
+    (tmp_path / "transfer.yaml").write_text("stale\n")
+    assert compile_all(tmp_path, check=True) == ["transfer.yaml"]

@@ -1,0 +1,82 @@
+"""The components and pipeline parameters are derived from the stage config models."""
+
+from __future__ import annotations
+
+import pytest
+from kfp import compiler
+
+from upstream.components.factory import describe, kfp_type
+from upstream.components.stages import evaluate_op, finetune_op, pretrain_op, shard_op
+from upstream.config import StageConfig
+from upstream.errors import UpstreamError
+from upstream.evaluate import EvaluateConfig
+from upstream.finetune import FinetuneConfig
+from upstream.pipelines.registry import stage_configs
+from upstream.pipelines.transfer import PARAMS, transfer
+from upstream.pretrain import PretrainConfig
+from upstream.shard import ShardConfig
+
+KFP_TYPE = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool: "BOOLEAN"}
+
+STAGES: list[tuple[object, type[StageConfig], set[str]]] = [
+    (shard_op, ShardConfig, {"data_root", "run_group"}),
+    (pretrain_op, PretrainConfig, {"work_root", "run_group"}),
+    (finetune_op, FinetuneConfig, {"work_root", "run_group"}),
+    (evaluate_op, EvaluateConfig, {"run_group"}),
+]
+
+
+@pytest.mark.parametrize(("op", "config", "extra"), STAGES)
+def test_component_parameters_are_the_config_knobs(op, config, extra) -> None:
+    spec = op.component_spec
+    params = {n: i for n, i in spec.inputs.items() if not i.type.startswith("system.")}
+    assert set(params) == set(config.knob_fields()) | extra
+    for name, field in config.knob_fields().items():
+        assert params[name].default == field.default, name
+        assert params[name].description == describe(field)
+        assert kfp_type(field).__name__ in ("str", "int", "float", "bool")
+
+
+@pytest.mark.parametrize(("op", "config", "extra"), STAGES)
+def test_wiring_fields_are_not_parameters(op, config, extra) -> None:
+    wiring = set(config.model_fields) - set(config.knob_fields())
+    assert wiring, "every stage has a location field"
+    assert not wiring & set(op.component_spec.inputs or {}) - {"model", "data", "id_data",
+                                                               "ood_data", "pretrained"}
+
+
+def test_pipeline_parameters_in_yaml(tmp_path) -> None:
+    import yaml
+
+    out = tmp_path / "transfer.yaml"
+    compiler.Compiler().compile(transfer, str(out))
+    spec = next(yaml.safe_load_all(out.read_text()))  # then the platform (k8s) spec
+    declared = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(declared) == {p.name for p in PARAMS}
+    for p in PARAMS:
+        assert declared[p.name]["parameterType"] == KFP_TYPE[p.type]
+        assert declared[p.name]["defaultValue"] == p.default
+        assert declared[p.name]["description"] == p.description
+    # the pretrain knobs are all there, prefixed, with the config's defaults
+    assert declared["pretrain_lr"]["defaultValue"] == PretrainConfig.model_fields["lr"].default
+    assert declared["finetune_shots"]["parameterType"] == "NUMBER_INTEGER"
+
+
+def test_compiled_yaml_has_no_credentials(tmp_path) -> None:
+    out = tmp_path / "transfer.yaml"
+    compiler.Compiler().compile(transfer, str(out))
+    text = out.read_text()
+    assert "upstream-s3" in text  # the Secret is named ...
+    assert "AWS_SECRET_ACCESS_KEY" in text  # ... and mapped to env
+    assert "aws_secret_access_key =" not in text.lower()
+
+
+def test_stage_configs_accept_defaults_and_name_bad_values() -> None:
+    configs = stage_configs("transfer", {})
+    assert [c.stage for c in configs] == ["shard"] * 3 + ["pretrain", "finetune", "evaluate"]
+    with pytest.raises(UpstreamError, match="pretrain: invalid lr"):
+        stage_configs("transfer", {"pretrain_lr": -0.1})
+    with pytest.raises(UpstreamError, match="pretrain: invalid method"):
+        stage_configs("transfer", {"pretrain_method": "moco"})
+    with pytest.raises(UpstreamError, match="shard: invalid corruption"):
+        stage_configs("transfer", {"ood_corruption": "fog"})
