@@ -67,12 +67,12 @@ def write_plots_html(html: Any, run_id: str | None, title: str) -> None:
 
 
 def run_shard(dataset: Any, data_root: str, run_group: str = "", **knobs: Any) -> None:
-    from upstream.shard import ShardConfig, shard
+    from upstream.shard import ShardConfig, data_fingerprint, shard
 
     _setup(run_group)
     unplaced = ShardConfig.parse(**knobs)
     slug = unplaced.source.replace(":", "-").replace("/", "-")
-    output = storage.join(data_root, "shards", f"{slug}-{unplaced.split}-{unplaced.fingerprint()}")
+    output = storage.join(data_root, "shards", f"{slug}-{unplaced.split}-{data_fingerprint(unplaced)}")
     manifest = shard(ShardConfig.parse(**knobs, output=output))
     write_pointer(
         dataset,

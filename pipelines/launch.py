@@ -25,12 +25,20 @@ log = logging.getLogger(__name__)
 def _check_values(name: str, values: dict[str, Any]) -> list[Any]:
     from upstream.pipelines.registry import stage_configs
 
-    configs = stage_configs(name, values)
-    from upstream.shard import ShardConfig, check_source
+    from upstream.data import check_source, open_source, parse_source
+    from upstream.shard import ShardConfig
 
+    configs = stage_configs(name, values)
     for config in configs:
-        if isinstance(config, ShardConfig):
-            check_source(config)
+        if not isinstance(config, ShardConfig):
+            continue
+        spec = parse_source(config.source)
+        if spec.kind == "torchvision":  # opening it would download it
+            check_source(spec)
+        else:  # cheap: checks folders and class counts, makes no image
+            open_source(spec, config.split, num_classes=config.num_classes,
+                        samples_per_class=config.samples_per_class,
+                        image_size=config.image_size, seed=config.seed)
     return configs
 
 

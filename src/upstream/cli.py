@@ -53,6 +53,13 @@ def _option(name: str, annotation: Any, default: Any, help_text: str) -> inspect
     )
 
 
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Their INFO lines ("Found credentials in environment variables.") are noise here.
+    for name in ("botocore", "boto3", "urllib3", "alembic", "mlflow.store"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -77,7 +84,7 @@ def stage_command(config_cls: type[StageConfig], run: Callable[[Any], Any], summ
     """Register ``upstream <stage>`` with one option per config field."""
 
     def command(**values: Any) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        _setup_logging()
         config = config_cls.parse(**values)
         _use_local_services()
         result = run(config)
@@ -205,7 +212,7 @@ def _register_pipeline(name: str, pipeline: Any, params: list[Any]) -> None:
         stop_services: bool,
         **values: Any,
     ) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        _setup_logging()
         from upstream.pipelines import launch
 
         if local == bool(host):

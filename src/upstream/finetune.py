@@ -43,7 +43,13 @@ class FinetuneConfig(StageConfig):
     seed: int = Field(0, description="Seed for the k-shot sample and training.")
     epochs: int = Field(10, ge=0, description="Full fine-tuning epochs.")
     batch_size: int = Field(64, ge=1, description="Samples per fine-tuning step.")
-    lr: float = Field(1e-3, gt=0, description="Peak fine-tuning learning rate (AdamW, cosine).")
+    lr: float = Field(
+        1e-5,
+        gt=0,
+        description="Peak fine-tuning learning rate (AdamW, short warmup, cosine). Every "
+        "weight moves by about lr per step under Adam, so a tower that fine-tunes well at "
+        "1e-5 can lose its probe's accuracy in one step at 1e-3.",
+    )
     weight_decay: float = Field(0.0, ge=0, description="Fine-tuning weight decay.")
     experiment: str = Field("upstream", description="MLflow experiment name.")
 
@@ -89,9 +95,12 @@ def fit_probe(
 ) -> dict[str, Any]:
     """A multinomial L2 logistic-regression probe, C chosen on a stratified hold-out.
 
-    Features are standardised for the fit (so one C grid suits every tower), and the scaler
-    is folded back into the returned ``weight``/``bias``: they apply to raw features, so the
-    linear head they initialise reproduces the probe exactly.
+    Features are centred and divided by one global scale for the fit, so that one C grid
+    suits every tower, and that affine map is folded back into the returned
+    ``weight``/``bias``: they apply to raw features, so the head they initialise reproduces
+    the probe exactly. The scale is global, not per dimension, on purpose: dividing by each
+    dimension's spread would blow up the weights of near-constant features, and fine-tuning
+    from such a head diverges as soon as those features move.
     """
     import numpy as np
     import torch
@@ -102,7 +111,7 @@ def fit_probe(
     if len(present) < 2:
         raise UpstreamError("finetune: the training set holds fewer than 2 classes")
     mu = features.mean(0)
-    sigma = features.std(0) + 1e-6
+    sigma = float(np.sqrt(((features - mu) ** 2).sum(1).mean() / features.shape[1])) + 1e-8
     z = (features - mu) / sigma
 
     def fit(c: float, x: np.ndarray, y: np.ndarray) -> Any:
@@ -162,10 +171,13 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     ckpt = models.load_checkpoint(config.pretrained)
     model_uri = storage.join(output, models.MODEL_FILE)
 
-    images, labels, _ = loader.load_split(config.data)
-    labels = np.asarray(labels, dtype=np.int64)
+    images, labels_t, _ = loader.load_split(config.data)
+    labels = np.asarray(labels_t, dtype=np.int64)
     if config.shots:
-        idx = np.asarray(loader.kshot_indices(labels, config.shots, config.seed), dtype=np.int64)
+        idx = np.asarray(
+            loader.kshot_indices(labels, config.shots, config.seed, class_names=class_names),
+            dtype=np.int64,
+        )
         images, labels = images[torch.as_tensor(idx)], labels[idx]
     images = torch.as_tensor(images, dtype=torch.float32)
     if len(labels) == 0:
@@ -271,7 +283,8 @@ def _train(
     run_id: str,
     vit: bool,
 ) -> dict[str, float]:
-    """Full fine-tuning: AdamW, cosine decay, cross-entropy; BatchNorm statistics frozen.
+    """Full fine-tuning: AdamW, linear warmup over the first 10% of steps then cosine decay,
+    cross-entropy; BatchNorm statistics frozen.
 
     BatchNorm stays in eval mode as in Kumar et al.'s LP-FT: with a few shots per class a
     batch's statistics are noise, and they would also shift the features the probe was fitted
@@ -287,7 +300,10 @@ def _train(
     n = len(y)
     steps_per_epoch = math.ceil(n / config.batch_size)
     optimizer = training.make_optimizer(model, config.lr, config.weight_decay, vit=vit)
-    scheduler = training.warmup_cosine(optimizer, 0, steps_per_epoch * config.epochs)
+    total_steps = steps_per_epoch * config.epochs
+    # A short warmup lets Adam's moment estimates settle before full-size steps move the
+    # tower away from the features the probe was fitted on.
+    scheduler = training.warmup_cosine(optimizer, total_steps // 10, total_steps)
     metrics = training.MetricLog(run_id, every=10)
     loss_sum = correct = 0.0
     for epoch in tqdm(range(config.epochs), desc="finetune", unit="epoch", mininterval=1.0):

@@ -107,16 +107,22 @@ def normalisation(name: str) -> tuple[list[float], list[float]]:
     return [float(m) for m in mean], [float(s) for s in std]
 
 
-class _DropNoPretrainedWarning(logging.Filter):
+class _DropMessage(logging.Filter):
+    """Drops log records whose message contains ``text``."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
+        return self.text not in record.getMessage()
 
 
 @contextlib.contextmanager
 def _quiet_open_clip() -> Iterator[None]:
     # create_model warns on the root logger that a model without weights is random: that is
     # the point here, so the warning would only be noise in every stage's log.
-    f = _DropNoPretrainedWarning()
+    f = _DropMessage("No pretrained weights loaded")
     logging.getLogger().addFilter(f)
     try:
         yield
@@ -329,6 +335,10 @@ def log_mlflow_model(model: nn.Module, image_size: int, out_dim: int) -> None:
     )
     was = model.training
     model.eval()
+    # Pickle is chosen on purpose (open_clip towers do not all torch.export), so mlflow's
+    # warning about it would only repeat itself in every stage's log.
+    quiet = _DropMessage("Saving pytorch model by Pickle")
+    logging.getLogger("mlflow.pytorch").addFilter(quiet)
     try:
         mlflow.pytorch.log_model(
             model,
@@ -338,4 +348,5 @@ def log_mlflow_model(model: nn.Module, image_size: int, out_dim: int) -> None:
             signature=signature,
         )
     finally:
+        logging.getLogger("mlflow.pytorch").removeFilter(quiet)
         model.train(was)

@@ -113,8 +113,8 @@ def shard(config: ShardConfig) -> dict[str, Any]:
     """Write the shards and the manifest; return the manifest.
 
     A no-op returning the existing manifest when ``config.output`` already holds this config's
-    shards. Anything else there that a shard stage writes (a half-written earlier attempt, or
-    another config's shards) is removed first; anything else refuses the output.
+    shards. Shard-stage files already there (a half-written earlier attempt, or another
+    config's shards) are removed first; any other file there refuses the output.
     """
     if not config.output:
         raise UpstreamError("shard: output is required (a local folder or s3://bucket/prefix)")
@@ -124,14 +124,31 @@ def shard(config: ShardConfig) -> dict[str, Any]:
     fingerprint = data_fingerprint(config)
     manifest_uri = storage.join(config.output, MANIFEST)
     if storage.exists(manifest_uri):
-        existing = storage.read_json(manifest_uri)
-        if existing.get("fingerprint") == fingerprint and existing.get("format") == FORMAT_VERSION:
+        try:
+            existing = storage.read_json(manifest_uri)
+        except ValueError:  # a damaged manifest marks nothing: replace the set
+            existing = {}
+        if (
+            isinstance(existing, dict)
+            and existing.get("fingerprint") == fingerprint
+            and existing.get("format") == FORMAT_VERSION
+        ):
             log.info("shards at %s are up to date (fingerprint %s)", config.output, fingerprint)
+            # Still one MLflow run per stage call, so a pipeline run's record is complete.
+            tags = {"upstream.source": config.source, "upstream.split": config.split,
+                    "upstream.reused": "true"}
+            with tracking.stage_run(config, config.experiment, tags=tags):
+                import mlflow
+
+                mlflow.log_metrics(
+                    {"num_samples": existing["num_samples"], "num_classes": existing["num_classes"]}
+                )
+                mlflow.log_dict(existing, MANIFEST)
             return existing
         log.warning(
             "%s holds other shards (fingerprint %s); replacing them",
             config.output,
-            existing.get("fingerprint"),
+            existing.get("fingerprint") if isinstance(existing, dict) else None,
         )
     source = open_source(
         spec,

@@ -1,0 +1,49 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+
+# --- moto S3 (unit tests of the s3:// code paths) ---------------------------------------------
+# One in-memory moto server per session (it starts in ~0.5 s); each test gets its own bucket and
+# the environment pointing at it. moto is a mock: it checks no credentials and keeps nothing.
+
+_bucket_numbers = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def _moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def moto_s3(_moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The name of a fresh, empty bucket on a moto S3 server that boto3 is pointed at."""
+    from upstream import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", _moto_endpoint)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    storage._client.cache_clear()
+    bucket = f"test-bucket-{next(_bucket_numbers)}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    try:
+        yield bucket
+    finally:
+        storage._client.cache_clear()
+
+
+# --- end of moto S3 ---------------------------------------------------------------------------
