@@ -7,6 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
+# The real local services (SeaweedFS + MLflow) for integration and end-to-end tests.
+pytest_plugins = ["integration_fixtures"]
+
 # --- moto S3 (unit tests of the s3:// code paths) ---------------------------------------------
 # One in-memory moto server per session (it starts in ~0.5 s); each test gets its own bucket and
 # the environment pointing at it. moto is a mock: it checks no credentials and keeps nothing.

@@ -73,7 +73,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                 f"predicts {_short(class_names)}"
             )
 
-    model = models.classifier_from_model_file(saved).eval()
+    model = models.classifier_from_model_file(saved).to(training.device()).eval()
     lineage = {str(k): str(v) for k, v in saved.get("lineage", {}).items()}
     tags = {
         "upstream.method": lineage.get("pretrain.method", ""),

@@ -75,17 +75,19 @@ def check_shots(manifest: dict[str, Any], shots: int, data: str) -> None:
 
 def extract_features(encoder: nn.Module, images: torch.Tensor, batch: int = FEATURE_BATCH,
                      desc: str = "features") -> torch.Tensor:
-    """Frozen eval-mode outputs of ``encoder`` on ``images`` (N, C, H, W in [0, 1])."""
+    """Frozen eval-mode outputs of ``encoder`` on ``images`` (N, C, H, W in [0, 1]), on the
+    CPU; batches go to the encoder's device."""
     import torch
     from tqdm.auto import tqdm
 
     was = encoder.training
     encoder.eval()
+    dev = next(encoder.parameters()).device
     out = []
     starts = range(0, len(images), batch)
     with torch.no_grad():
         for i in tqdm(starts, desc=desc, unit="batch", mininterval=1.0, disable=len(starts) < 5):
-            out.append(encoder(images[i : i + batch]))
+            out.append(encoder(images[i : i + batch].to(dev, non_blocking=True)).cpu())
     encoder.train(was)
     return torch.cat(out) if out else torch.empty(0)
 
@@ -185,7 +187,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
 
     generator = training.seed_everything(config.seed)
     encoder = models.encoder_from_state(ckpt["model_name"], ckpt["visual"])
-    model = models.Classifier(encoder, len(class_names))
+    model = models.Classifier(encoder, len(class_names)).to(training.device())
     architecture = models.describe_architecture(ckpt["model_name"], encoder.visual)
     data_fingerprint = training.manifest_fingerprint(manifest)
     pconf = ckpt.get("config", {})
@@ -216,8 +218,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             features = extract_features(encoder, images).numpy().astype(np.float64)
             probe = fit_probe(features, labels, len(class_names), config.seed)
             with torch.no_grad():
-                model.head.weight.copy_(probe["weight"])
-                model.head.bias.copy_(probe["bias"])
+                model.head.weight.copy_(probe["weight"].to(model.head.weight.device))
+                model.head.bias.copy_(probe["bias"].to(model.head.bias.device))
             probe_metrics = {
                 "probe_C": probe["C"],
                 "probe_train_accuracy": probe["train_accuracy"],
@@ -260,8 +262,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             "image_size": encoder.image_size,
             "embed_dim": int(ckpt.get("embed_dim", model.head.in_features)),
             "visual": models.plain_state_dict(encoder.visual),
-            "head_weight": model.head.weight.detach().clone(),
-            "head_bias": model.head.bias.detach().clone(),
+            "head_weight": model.head.weight.detach().cpu().clone(),
+            "head_bias": model.head.bias.detach().cpu().clone(),
             "class_names": class_names,
             "config": config.model_dump(mode="json") | {"output": output},
             "pretrain_config": pconf,
@@ -269,7 +271,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         }
         # model.pt is the stage's completion marker: one object, written last.
         models.save_file(saved, model_uri)
-        models.log_mlflow_model(model, encoder.image_size, len(class_names))
+        # Logged from the CPU, so that it loads on machines without a GPU.
+        models.log_mlflow_model(model.cpu(), encoder.image_size, len(class_names))
         result.update({"model": model_uri, "mlflow_run_id": run.info.run_id})
         return result
 
@@ -296,6 +299,7 @@ def _train(
 
     from upstream import training
 
+    dev = next(model.parameters()).device
     y = torch.as_tensor(labels, dtype=torch.long)
     n = len(y)
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -313,15 +317,16 @@ def _train(
         loss_sum = correct = 0.0
         for i in range(0, n, config.batch_size):
             idx = order[i : i + config.batch_size]
-            logits = model(images[idx])
-            loss = F.cross_entropy(logits, y[idx])
+            target = y[idx].to(dev, non_blocking=True)
+            logits = model(images[idx].to(dev, non_blocking=True))
+            loss = F.cross_entropy(logits, target)
             training.check_finite(loss, epoch, optimizer.param_groups[0]["lr"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y[idx]).sum().item()
+            correct += (logits.argmax(1) == target).sum().item()
         metrics.add(epoch, ft_loss=loss_sum / n, ft_train_accuracy=correct / n,
                     ft_lr=optimizer.param_groups[0]["lr"])
     metrics.flush()

@@ -107,6 +107,17 @@ def normalisation(name: str) -> tuple[list[float], list[float]]:
     return [float(m) for m in mean], [float(s) for s in std]
 
 
+class _DropOpenClipChatter(logging.Filter):
+    """Drops open_clip's INFO records and its warning that a model has no weights."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "open_clip" not in record.pathname:
+            return True
+        if "No pretrained weights loaded" in record.getMessage():
+            return False  # random initialisation is the point of pre-training
+        return record.levelno >= logging.WARNING
+
+
 class _DropMessage(logging.Filter):
     """Drops log records whose message contains ``text``."""
 
@@ -120,9 +131,9 @@ class _DropMessage(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet_open_clip() -> Iterator[None]:
-    # create_model warns on the root logger that a model without weights is random: that is
-    # the point here, so the warning would only be noise in every stage's log.
-    f = _DropMessage("No pretrained weights loaded")
+    # open_clip logs through the root logger, so its step-by-step INFO lines ("Parsing
+    # tokenizer identifier ...") would fill every stage's log at the CLI's INFO level.
+    f = _DropOpenClipChatter()
     logging.getLogger().addFilter(f)
     try:
         yield
@@ -225,6 +236,12 @@ class PretrainModel(nn.Module):
         self.head = head
 
 
+def tokenizer(name: str) -> Any:
+    """open_clip's tokenizer for ``name`` (a callable: list of captions → token tensor)."""
+    with _quiet_open_clip():
+        return open_clip.get_tokenizer(validate_model_name(name))
+
+
 def build_pretrain_model(name: str, method: str, num_classes: int = 0) -> PretrainModel:
     """What ``method`` trains: clip → the whole open_clip model; supervised → tower + head."""
     validate_model_name(name)
@@ -252,7 +269,9 @@ def resolve_file(uri: str, filename: str) -> str:
 
 def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """A state dict of detached, contiguous CPU tensors (safe for ``weights_only`` loading)."""
-    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    # No copies: on the CPU these share storage with the module, and torch.save writes a
+    # storage shared by two entries (the clip model and its tower) only once.
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
 def save_file(obj: dict[str, Any], uri: str) -> None:

@@ -4,6 +4,8 @@ run (params, loss and throughput per step, the model)."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import math
 import tempfile
@@ -11,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from upstream.config import StageConfig, wiring
 
@@ -19,6 +21,17 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _model_config_names() -> frozenset[str]:
+    """Names of open_clip's and upstream's model configs, found without importing open_clip
+    (the import takes seconds; parsing a config should not)."""
+    folders = [Path(__file__).parent / "model_configs"]
+    spec = importlib.util.find_spec("open_clip")
+    if spec is not None and spec.submodule_search_locations:
+        folders += [Path(p, "model_configs") for p in spec.submodule_search_locations]
+    return frozenset(p.stem for folder in folders for p in folder.glob("*.json"))
 
 
 class PretrainConfig(StageConfig):
@@ -41,6 +54,17 @@ class PretrainConfig(StageConfig):
         0, ge=0, description="Data-loading worker processes (0: decode in the training process)."
     )
     experiment: str = Field("upstream", description="MLflow experiment name.")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in _model_config_names():
+            tiny = sorted(n for n in _model_config_names() if n.startswith("upstream-"))
+            raise ValueError(
+                f"unknown model {v!r}; known: {', '.join(tiny)}, RN50, RN101, ViT-B-32, ... "
+                "(see open_clip.list_models())"
+            )
+        return v
 
 
 def pretrain(config: PretrainConfig) -> dict[str, Any]:
@@ -85,16 +109,17 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     data_fingerprint = training.manifest_fingerprint(manifest)
 
     training.seed_everything(config.seed)
-    net = models.build_pretrain_model(config.model, config.method, len(class_names))
-    tokenizer = open_clip.get_tokenizer(config.model) if config.method == "clip" else None
+    dev = training.device()
+    net = models.build_pretrain_model(config.model, config.method, len(class_names)).to(dev)
+    tokenizer = models.tokenizer(config.model) if config.method == "clip" else None
     clip_loss = open_clip.ClipLoss() if config.method == "clip" else None
     optimizer = training.make_optimizer(
         net, config.lr, config.weight_decay, vit=models.tower_is_vit(config.model)
     )
     scheduler = training.warmup_cosine(optimizer, config.warmup_steps, total_steps)
     architecture = models.describe_architecture(config.model, net.encoder.visual)
-    log.info("pretrain %s %s on %s (%d samples, %d steps)", config.method, architecture,
-             config.data, num_samples, total_steps)
+    log.info("pretrain %s %s on %s (%d samples, %d steps, %s)", config.method, architecture,
+             config.data, num_samples, total_steps, dev)
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor, captions: list[str]) -> torch.Tensor:
         features = net.encoder(images)
@@ -102,7 +127,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             assert net.head is not None
             return F.cross_entropy(net.head(features), labels)
         assert net.clip is not None and tokenizer is not None and clip_loss is not None
-        text = net.clip.encode_text(tokenizer(list(captions)), normalize=True)
+        tokens = tokenizer(list(captions)).to(dev, non_blocking=True)
+        text = net.clip.encode_text(tokens, normalize=True)
         return clip_loss(F.normalize(features, dim=-1), text, net.clip.logit_scale.exp())
 
     tags = {
@@ -133,8 +159,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             batches = epoch_batches(epoch)
             t_batch = time.perf_counter()
             for images, labels, captions in batches:
-                images = torch.as_tensor(images, dtype=torch.float32)
-                labels = torch.as_tensor(labels, dtype=torch.long)
+                images = torch.as_tensor(images, dtype=torch.float32).to(dev, non_blocking=True)
+                labels = torch.as_tensor(labels, dtype=torch.long).to(dev, non_blocking=True)
                 if len(images) < 2:  # a lone sample has no negatives for a contrastive loss
                     continue
                 lr = optimizer.param_groups[0]["lr"]
@@ -190,8 +216,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         if net.clip is not None:
             checkpoint["clip"] = models.plain_state_dict(net.clip)
         if net.head is not None:
-            checkpoint["head_weight"] = net.head.weight.detach().clone()
-            checkpoint["head_bias"] = net.head.bias.detach().clone()
+            checkpoint["head_weight"] = net.head.weight.detach().cpu().clone()
+            checkpoint["head_bias"] = net.head.bias.detach().cpu().clone()
         # The checkpoint is the stage's completion marker: one object, written last.
         models.save_file(checkpoint, checkpoint_uri)
 
@@ -199,7 +225,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             png = plots.loss_curve(steps, losses, Path(tmp, "loss_curve.png"),
                                    title=f"{config.method} pre-training loss ({config.model})")
             mlflow.log_artifact(str(png))
-        models.log_mlflow_model(net.encoder, net.encoder.image_size,
+        # Logged from the CPU, so that it loads on machines without a GPU.
+        models.log_mlflow_model(net.encoder.cpu(), net.encoder.image_size,
                                 models.embed_dim_of(config.model))
         log.info("pretrain done: loss %.4f, %.0f samples/s, checkpoint %s",
                  final_loss, throughput, checkpoint_uri)

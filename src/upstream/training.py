@@ -18,6 +18,11 @@ from upstream.config import StageConfig
 from upstream.errors import UpstreamError
 
 
+def device() -> torch.device:
+    """The first CUDA GPU when there is one, else the CPU (training runs in fp32 on both)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a torch generator for data order."""
     random.seed(seed)
