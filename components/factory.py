@@ -140,8 +140,9 @@ def stage_component(
     # One line: KFP's docstring parser loses the Args section after a wrapped summary.
     doc = " ".join(module_doc.strip().split("\n\n")[0].split())
     body = (
+        "    arguments = dict(locals())\n"
         f"    from upstream.components.glue import {glue}\n"
-        f"    {glue}(**locals())"
+        f"    {glue}(**arguments)"
     )
     source = render_function(config.stage, params, artifacts, doc, body)
     func = define(source, config.stage, {})

@@ -57,7 +57,9 @@ def write_plots_html(html: Any, run_id: str | None, title: str) -> None:
                 if item.is_dir:
                     stack.append(item.path)
                 elif item.path.endswith(".png"):
-                    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=item.path)
+                    local = mlflow.artifacts.download_artifacts(
+                        run_id=run_id, artifact_path=item.path
+                    )
                     data = base64.b64encode(Path(local).read_bytes()).decode()
                     parts.append(f"<h3>{item.path}</h3><img src='data:image/png;base64,{data}'/>")
         parts.append(f"<p>MLflow run: {run_id}</p>")
@@ -72,7 +74,8 @@ def run_shard(dataset: Any, data_root: str, run_group: str = "", **knobs: Any) -
     _setup(run_group)
     unplaced = ShardConfig.parse(**knobs)
     slug = unplaced.source.replace(":", "-").replace("/", "-")
-    output = storage.join(data_root, "shards", f"{slug}-{unplaced.split}-{data_fingerprint(unplaced)}")
+    name = f"{slug}-{unplaced.split}-{data_fingerprint(unplaced)}"
+    output = storage.join(data_root, "shards", name)
     manifest = shard(ShardConfig.parse(**knobs, output=output))
     write_pointer(
         dataset,
@@ -91,7 +94,8 @@ def run_pretrain(
     _setup(run_group)
     unplaced = PretrainConfig.parse(**knobs, data=read_pointer(data))
     output = storage.join(work_root, "pretrain", unplaced.fingerprint())
-    result = pretrain(PretrainConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output))
+    config = PretrainConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output)
+    result = pretrain(config)
     write_pointer(checkpoint, result["checkpoint"], **_scalar_facts(result))
     write_plots_html(plots, result.get("mlflow_run_id"), "Pre-training")
 
@@ -112,7 +116,8 @@ def run_finetune(
         **knobs, pretrained=read_pointer(pretrained), data=read_pointer(data)
     )
     output = storage.join(work_root, "finetune", unplaced.fingerprint())
-    result = finetune(FinetuneConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output))
+    config = FinetuneConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output)
+    result = finetune(config)
     write_pointer(finetuned, result["model"], **_scalar_facts(result))
     write_plots_html(plots, result.get("mlflow_run_id"), "Fine-tuning")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,9 @@ def _check_values(name: str, values: dict[str, Any]) -> list[Any]:
 def run_local(name: str, values: dict[str, Any], stop_services: bool = False) -> str:
     """Run pipeline ``name`` here; return a summary of where its results are."""
     from kfp import local
+    from upstream.pipelines.registry import pipelines
 
     from upstream import services
-    from upstream.pipelines.registry import pipelines
 
     pipeline, params = pipelines()[name]
     _check_values(name, values)
@@ -64,6 +65,10 @@ def run_local(name: str, values: dict[str, Any], stop_services: bool = False) ->
         root.mkdir(parents=True, exist_ok=True)
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                    raise_on_error=True)
+        # The image is the one the steps would run in on a cluster; here they run in this
+        # Python, which has upstream installed, as kfp warns. Display names only matter in a UI.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         before = set(root.iterdir())
         t0 = dt.datetime.now()
         try:
@@ -106,7 +111,6 @@ def _experiment_id(name: str) -> str | None:
 def submit(name: str, values: dict[str, Any], host: str) -> str:
     """Submit a run to a Kubeflow Pipelines backend at ``host``; return the run's URL."""
     import kfp
-
     from upstream.pipelines.registry import pipelines
 
     pipeline, _ = pipelines()[name]

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from kfp import dsl, kubernetes
-
 from upstream.components.factory import Param, knob_params, pipeline_function
 from upstream.components.stages import (
     DATA_ROOT,
@@ -22,6 +21,7 @@ from upstream.components.stages import (
     pretrain_op,
     shard_op,
 )
+
 from upstream.evaluate import EvaluateConfig
 from upstream.finetune import FinetuneConfig
 from upstream.pretrain import PretrainConfig
@@ -31,23 +31,27 @@ from upstream.shard import ShardConfig
 #: both), mounted as environment variables so that no credential is in the compiled YAML.
 S3_SECRET = "upstream-s3"
 SETTINGS_CONFIG_MAP = "upstream-settings"
-SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+SECRET_ENV = {
+    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+}
 SETTINGS_ENV = {
     "AWS_ENDPOINT_URL_S3": "AWS_ENDPOINT_URL_S3",
     "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
 }
+
+_SOURCE_HELP = ShardConfig.model_fields["source"].description or ""
 
 PARAMS: list[Param] = [
     Param.from_field(PretrainConfig, "experiment"),
     DATA_ROOT,
     WORK_ROOT,
     Param.from_field(ShardConfig, "source", "pretrain_source", default="fractals",
-                     description="Pre-training data: " + ShardConfig.model_fields["source"].description),
+                     description="Pre-training data: " + _SOURCE_HELP),
     Param.from_field(ShardConfig, "num_classes", "pretrain_num_classes", default=10),
     Param.from_field(ShardConfig, "samples_per_class", "pretrain_samples_per_class", default=200),
     Param.from_field(ShardConfig, "source", "downstream_source", default="digits",
-                     description="Downstream data (train and test splits): "
-                     + ShardConfig.model_fields["source"].description),
+                     description="Downstream data (train and test splits): " + _SOURCE_HELP),
     Param.from_field(ShardConfig, "corruption", "ood_corruption", default="mixed"),
     Param.from_field(ShardConfig, "severity", "ood_severity"),
     Param.from_field(ShardConfig, "image_size"),
@@ -133,7 +137,11 @@ def _build(p: Any) -> Any:
 transfer = dsl.pipeline(
     name="transfer",
     description="Pre-train on one source, fine-tune with LP-FT on k shots, evaluate ID and OOD.",
-)(pipeline_function("transfer", PARAMS, _build, __doc__.strip().split("\n\n")[0], returns="Metrics"))
+)(
+    pipeline_function(
+        "transfer", PARAMS, _build, __doc__.strip().split("\n\n")[0], returns="Metrics"
+    )
+)
 
 
 def stage_configs(values: dict[str, Any]) -> list[Any]:

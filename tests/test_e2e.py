@@ -20,9 +20,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 TINY = {
     "--pretrain-num-classes": "4",
     "--pretrain-samples-per-class": "24",
-    "--pretrain-epochs": "1",
+    "--pretrain-epochs": "3",
     "--pretrain-batch-size": "16",
-    "--finetune-shots": "5",
+    "--finetune-shots": "10",
     "--finetune-epochs": "2",
     "--finetune-batch-size": "16",
     "--experiment": "e2e",
@@ -46,8 +46,11 @@ def _runs_of(local_run) -> dict[str, list]:
 
     group = re.search(r"upstream\.group=(\S+)", local_run.stdout).group(1)
     exp = mlflow.get_experiment_by_name("e2e")
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`upstream.group` = '{group}'",
-                              output_format="list")
+    runs = mlflow.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`upstream.group` = '{group}'",
+        output_format="list",
+    )
     by_stage: dict[str, list] = {}
     for run in runs:
         by_stage.setdefault(run.data.tags["upstream.stage"], []).append(run)
@@ -75,13 +78,13 @@ def test_metrics_in_range(local_run) -> None:
     metrics = runs["evaluate"][0].data.metrics
     for key in ("id_top1", "id_macro_f1", "ood_top1", "ood_macro_f1"):
         assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
-    # 5 shots of 10 digits, even after a tiny pre-training, beat chance (0.1) clearly.
+    # 10 shots of 10 digits, even after a tiny pre-training, beat chance (0.1) clearly.
     assert metrics["id_top1"] > 0.3
     pretrain = runs["pretrain"][0].data
-    assert pretrain.params["pretrain.epochs"] == "1"
+    assert pretrain.params["pretrain.epochs"] == "3"
     assert "loss" in pretrain.metrics
     finetune = runs["finetune"][0].data
-    assert finetune.params["finetune.shots"] == "5"
+    assert finetune.params["finetune.shots"] == "10"
 
 
 def test_manifest_counts_match_mlflow(local_run) -> None:

@@ -56,8 +56,11 @@ def _client(endpoint: str | None, key_id: str | None) -> Any:
         retries={"mode": "standard", "total_max_attempts": 5},
         s3={"addressing_style": "path"},
     )
-    return boto3.client("s3", endpoint_url=endpoint, config=config,
-                        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    # A session of its own: boto3's default session resolves credentials once per process,
+    # so a later change of keys in the environment would be ignored.
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint, config=config,
+                          region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
 
 
 def s3_client() -> Any:
