@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/upstream run transfer --local
 
 lint: setup
-	$(BIN)/ruff check src components pipelines tests benchmarks
+	$(BIN)/ruff check src components pipelines tests
 
 compile: setup
 	$(BIN)/upstream compile

@@ -27,7 +27,7 @@ from upstream.finetune import FinetuneConfig
 from upstream.pretrain import PretrainConfig
 from upstream.shard import ShardConfig
 
-#: Kubernetes Secret with the S3 keys and ConfigMap with the endpoints (charts/upstream makes
+#: Kubernetes Secret with the S3 keys and ConfigMap with the endpoints (the cluster provides
 #: both), mounted as environment variables so that no credential is in the compiled YAML.
 S3_SECRET = "upstream-s3"
 SETTINGS_CONFIG_MAP = "upstream-settings"

@@ -116,3 +116,13 @@ def test_run_rejects_bad_parameter_before_starting_services(isolated: dict[str, 
     result = upstream("run", "transfer", "--local", "--pretrain-lr", "-1", env=isolated)
     one_line_error(result, "lr")
     assert not (Path(isolated["UPSTREAM_HOME"]) / "services").exists()
+
+
+def test_batch_larger_than_the_data(isolated: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    assert upstream("shard", "--source", "shapes", "--samples-per-class", "2", "--output",
+                    str(out), env=isolated).returncode == 0
+    result = upstream("pretrain", "--data", str(out), "--output", str(tmp_path / "o"),
+                      "--batch-size", "64", env=isolated)
+    one_line_error(result, "batch_size 64", "16 samples")
+    assert not (tmp_path / "o").exists()

@@ -309,6 +309,7 @@ def _train(
     # tower away from the features the probe was fitted on.
     scheduler = training.warmup_cosine(optimizer, total_steps // 10, total_steps)
     metrics = training.MetricLog(run_id, every=10)
+    step_losses: list[float] = []
     loss_sum = correct = 0.0
     for epoch in tqdm(range(config.epochs), desc="finetune", unit="epoch", mininterval=1.0):
         model.train()
@@ -325,10 +326,27 @@ def _train(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += loss.item() * len(idx)
+            step_losses.append(loss.item())
+            loss_sum += step_losses[-1] * len(idx)
             correct += (logits.argmax(1) == target).sum().item()
         metrics.add(epoch, ft_loss=loss_sum / n, ft_train_accuracy=correct / n,
                     ft_lr=optimizer.param_groups[0]["lr"])
     metrics.flush()
     model.eval()
+    _log_loss_curve(step_losses, config)
     return {"final_loss": loss_sum / n, "train_accuracy": correct / n}
+
+
+def _log_loss_curve(losses: list[float], config: FinetuneConfig) -> None:
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    from upstream import plots
+
+    with tempfile.TemporaryDirectory(prefix="upstream-plot-") as tmp:
+        shots = f"{config.shots}-shot" if config.shots else "full-shot"
+        png = plots.loss_curve(range(len(losses)), losses, Path(tmp, "loss_curve.png"),
+                               title=f"{config.mode} fine-tuning loss ({shots})")
+        mlflow.log_artifact(str(png))

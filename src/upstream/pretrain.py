@@ -92,6 +92,11 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         raise UpstreamError(
             f"pretrain: supervised needs ≥ 2 classes; {config.data} has {len(class_names)}"
         )
+    if config.batch_size > num_samples:
+        raise UpstreamError(
+            f"pretrain: batch_size {config.batch_size} is larger than {config.data} "
+            f"({num_samples} samples)"
+        )
     checkpoint_uri = storage.join(output, models.CHECKPOINT_FILE)
 
     def epoch_batches(epoch: int) -> Any:
@@ -103,6 +108,9 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             transform=None,
             with_captions=config.method == "clip",
             num_workers=config.num_workers,
+            # Every step sees a full batch: a short last batch gives CLIP fewer negatives
+            # (a lower, incomparable loss) and the schedule a step of a different size.
+            drop_last=True,
         )
 
     total_steps = len(epoch_batches(0)) * config.epochs
