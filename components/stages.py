@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from upstream.components.factory import Param, stage_component
-
 from upstream.evaluate import EvaluateConfig
 from upstream.finetune import FinetuneConfig
 from upstream.pretrain import PretrainConfig

@@ -24,9 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def _check_values(name: str, values: dict[str, Any]) -> list[Any]:
-    from upstream.pipelines.registry import stage_configs
-
     from upstream.data import check_source, open_source, parse_source
+    from upstream.pipelines.registry import stage_configs
     from upstream.shard import ShardConfig
 
     configs = stage_configs(name, values)
@@ -46,9 +45,9 @@ def _check_values(name: str, values: dict[str, Any]) -> list[Any]:
 def run_local(name: str, values: dict[str, Any], stop_services: bool = False) -> str:
     """Run pipeline ``name`` here; return a summary of where its results are."""
     from kfp import local
-    from upstream.pipelines.registry import pipelines
 
     from upstream import services
+    from upstream.pipelines.registry import pipelines
 
     pipeline, params = pipelines()[name]
     _check_values(name, values)
@@ -111,6 +110,7 @@ def _experiment_id(name: str) -> str | None:
 def submit(name: str, values: dict[str, Any], host: str) -> str:
     """Submit a run to a Kubeflow Pipelines backend at ``host``; return the run's URL."""
     import kfp
+
     from upstream.pipelines.registry import pipelines
 
     pipeline, _ = pipelines()[name]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from kfp import dsl, kubernetes
+
 from upstream.components.factory import Param, knob_params, pipeline_function
 from upstream.components.stages import (
     DATA_ROOT,
@@ -21,7 +22,6 @@ from upstream.components.stages import (
     pretrain_op,
     shard_op,
 )
-
 from upstream.evaluate import EvaluateConfig
 from upstream.finetune import FinetuneConfig
 from upstream.pretrain import PretrainConfig

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 from kfp import compiler
+
 from upstream.components.factory import describe, kfp_type
 from upstream.components.stages import evaluate_op, finetune_op, pretrain_op, shard_op
-from upstream.pipelines.registry import stage_configs
-from upstream.pipelines.transfer import PARAMS, transfer
-
 from upstream.config import StageConfig
 from upstream.errors import UpstreamError
 from upstream.evaluate import EvaluateConfig
 from upstream.finetune import FinetuneConfig
+from upstream.pipelines.registry import stage_configs
+from upstream.pipelines.transfer import PARAMS, transfer
 from upstream.pretrain import PretrainConfig
 from upstream.shard import ShardConfig
 
