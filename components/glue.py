@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from upstream import storage
+from upstream.logs import setup_logging
 from upstream.tracking import GROUP_ENV
 
 log = logging.getLogger(__name__)
 
 
 def _setup(run_group: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging("%(asctime)s %(name)s: %(message)s")
     if run_group:
         os.environ[GROUP_ENV] = run_group
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ import typer
 
 from upstream.config import StageConfig, literal_choices
 from upstream.errors import UpstreamError
+from upstream.logs import setup_logging
 
 app = typer.Typer(
     help="upstream: controlled studies of how pre-training data shapes transfer learning.",
@@ -53,13 +53,6 @@ def _option(name: str, annotation: Any, default: Any, help_text: str) -> inspect
     )
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # Their INFO lines ("Found credentials in environment variables.") are noise here.
-    for name in ("botocore", "boto3", "urllib3", "alembic", "mlflow.store"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -84,7 +77,7 @@ def stage_command(config_cls: type[StageConfig], run: Callable[[Any], Any], summ
     """Register ``upstream <stage>`` with one option per config field."""
 
     def command(**values: Any) -> None:
-        _setup_logging()
+        setup_logging()
         config = config_cls.parse(**values)
         _use_local_services()
         result = run(config)
@@ -100,13 +93,16 @@ def stage_command(config_cls: type[StageConfig], run: Callable[[Any], Any], summ
     app.command(name=config_cls.stage, help=summary)(_guarded(command))
 
 
+_BULKY = ("shards", "config", "confusion_matrix", "per_class_f1", "keys", "class_names")
+
+
 def _brief(result: Any) -> Any:
     """A result without its bulky parts (shard lists, confusion matrices)."""
     if isinstance(result, dict):
         return {
             k: _brief(v)
             for k, v in result.items()
-            if k not in ("shards", "config", "confusion_matrix", "per_class_f1")
+            if k not in _BULKY
         }
     return result
 
@@ -212,7 +208,7 @@ def _register_pipeline(name: str, pipeline: Any, params: list[Any]) -> None:
         stop_services: bool,
         **values: Any,
     ) -> None:
-        _setup_logging()
+        setup_logging()
         from upstream.pipelines import launch
 
         if local == bool(host):
