@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import linecache
+import os
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,8 +24,10 @@ from pydantic.fields import FieldInfo
 
 from upstream.config import StageConfig, literal_choices
 
-#: The image every component runs in (upstream installed); see images/Dockerfile.
-BASE_IMAGE = "ghcr.io/upstream-ml/upstream:0.1.0"
+#: The image every component runs in (upstream installed; see images/Dockerfile), unless
+#: ``UPSTREAM_IMAGE`` names another when the components are defined (``upstream compile --image``).
+DEFAULT_IMAGE = "ghcr.io/upstream-ml/upstream:0.1.0"
+BASE_IMAGE = os.environ.get("UPSTREAM_IMAGE") or DEFAULT_IMAGE
 
 _KFP_NAMES: dict[str, Any] = {
     name: getattr(dsl, name)

@@ -25,3 +25,10 @@ def test_check_reports_a_stale_file(tmp_path: Path) -> None:
     compile_all(tmp_path)
     (tmp_path / "transfer.yaml").write_text("stale\n")
     assert compile_all(tmp_path, check=True) == ["transfer.yaml"]
+
+
+def test_image_can_be_chosen_at_compile_time(tmp_path: Path) -> None:
+    compile_all(tmp_path, image="registry.example/team/upstream:dev")
+    text = (tmp_path / "transfer.yaml").read_text()
+    assert "image: registry.example/team/upstream:dev" in text
+    assert "ghcr.io/upstream-ml/upstream" not in text

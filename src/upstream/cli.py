@@ -126,12 +126,14 @@ def compile_cmd(
     output_dir: Path = typer.Option(None, "--output-dir", help="Folder for the YAML files "
                                     "(default: pipelines/compiled in the source tree)."),
     check: bool = typer.Option(False, "--check", help="Exit 1 if a checked-in YAML is stale."),
+    image: str = typer.Option("", "--image", help="Image the components run in (default: "
+                              "ghcr.io/upstream-ml/upstream:0.1.0, built from images/Dockerfile)."),
 ) -> None:
     """Compile every pipeline to YAML (byte-deterministic)."""
     from upstream.compile import compile_all, default_output_dir
 
     out = output_dir or default_output_dir()
-    stale = compile_all(out, check=check)
+    stale = compile_all(out, check=check, image=image or None)
     if check and stale:
         raise fail(f"stale compiled pipelines: {', '.join(stale)} (run `upstream compile`)", 1)
     typer.echo(f"{'checked' if check else 'wrote'} pipelines in {out}")
