@@ -94,7 +94,9 @@ def _summary(
     lines.append(f"data: {values.get('data_root')}   models: {values.get('work_root')}")
     url = info.ui_url
     exp_id = _experiment_id(values.get("experiment", "upstream"))
-    lines.append(f"MLflow UI: {url}/#/experiments/{exp_id}" if exp_id else f"MLflow UI: {url}")
+    # The runs page: MLflow 3's experiment page opens on a GenAI traces overview.
+    runs_page = f"{url}/#/experiments/{exp_id}/runs" if exp_id else url
+    lines.append(f"MLflow UI: {runs_page}")
     lines.append(f"MLflow runs of this pipeline run carry the tag upstream.group={run_dir.name}")
     return "\n".join(lines)
 
