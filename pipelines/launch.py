@@ -78,10 +78,13 @@ def run_local(name: str, values: dict[str, Any], stop_services: bool = False) ->
         new = sorted(set(root.iterdir()) - before)
         run_dir = new[-1] if new else root
         metrics = dict(task.output.metadata) if task is not None and task.outputs else {}
-        return _summary(name, run_dir, elapsed, metrics, info, values)
+        summary = _summary(name, run_dir, elapsed, metrics, info, values)
     finally:
         if stop_services and started:
             services.down()
+    if stop_services and started:
+        summary += "\nlocal services stopped; `upstream services up` serves these results again"
+    return summary
 
 
 def _summary(
