@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import time
@@ -39,20 +37,13 @@ def output_location(config: StageConfig, output: str) -> str:
 
 
 def manifest_fingerprint(manifest: dict[str, Any]) -> str:
-    """The manifest's own fingerprint if it has one, else a hash of its content."""
-    for key in ("fingerprint", "config_fingerprint"):
-        if isinstance(manifest.get(key), str):
-            return manifest[key]
-    blob = json.dumps(manifest, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    """The data fingerprint of a shard set (same data, same fingerprint, wherever stored)."""
+    return str(manifest["fingerprint"])
 
 
 def manifest_source(manifest: dict[str, Any]) -> str:
-    """The source a shard set was made from (``digits``, ``fractals``, ...), if recorded."""
-    cfg = manifest.get("config")
-    if isinstance(cfg, dict) and cfg.get("source"):
-        return str(cfg["source"])
-    return str(manifest.get("source", "unknown"))
+    """The source a shard set was made from (``digits``, ``fractals``, ...)."""
+    return str(manifest["source"])
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
