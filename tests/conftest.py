@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,16 @@ def moto_s3(_moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
 
 
 # --- end of moto S3 ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tracking_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """UPSTREAM_HOME in a temporary folder, so MLflow runs go to a throwaway SQLite store
+    there (created once for the module)."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UPSTREAM_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("UPSTREAM_RUN_GROUP", raising=False)
+        yield home
+

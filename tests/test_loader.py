@@ -7,7 +7,6 @@ import io
 import shutil
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,7 @@ CONFIG = dict(source="digits", num_classes=3, samples_per_class=10, image_size=1
 N = 30
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tracking_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("UPSTREAM_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield home
+pytestmark = pytest.mark.usefixtures("tracking_home")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 import shutil
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +19,7 @@ from upstream.data.corruptions import KINDS
 from upstream.errors import UpstreamError
 from upstream.shard import ShardConfig, data_fingerprint, shard
 
-
-@pytest.fixture(scope="module", autouse=True)
-def tracking_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """MLflow runs go to a throwaway SQLite store, created once for the module."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("UPSTREAM_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("UPSTREAM_RUN_GROUP", raising=False)
-        yield home
+pytestmark = pytest.mark.usefixtures("tracking_home")
 
 
 def small(output: str | Path, **kw: Any) -> ShardConfig:

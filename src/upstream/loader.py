@@ -278,10 +278,14 @@ def _worker_init(_: int) -> None:
 
 
 class Stream:
-    """One epoch of batches ``(images, labels, captions)`` over a shard set.
+    """One epoch of batches ``(images, labels, captions)`` over the shard set at ``uri``.
 
     Iterate it once per epoch (each iteration reads the shards again, in the same order for
     the same seed and epoch). ``len()`` is the exact number of batches this process gets.
+    Shards and samples (through a ``shuffle_buffer``) are shuffled by ``shuffle_seed`` and
+    ``epoch`` together, so every epoch has its own, reproducible order; ``shuffle_seed=None``
+    reads in key order. Under ``torch.distributed`` each rank reads its own shards. Captions
+    are empty strings unless ``with_captions``.
     """
 
     def __init__(
@@ -387,33 +391,5 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def stream(
-    uri: str,
-    *,
-    batch_size: int,
-    shuffle_seed: int | None = 0,
-    epoch: int = 0,
-    transform: Transform | None = None,
-    with_captions: bool = True,
-    num_workers: int = 0,
-    shuffle_buffer: int = 1000,
-    drop_last: bool = False,
-) -> Stream:
-    """Batches ``(images, labels, captions)`` for one epoch of the set at ``uri``.
-
-    Shards and samples (through a ``shuffle_buffer``) are shuffled by ``shuffle_seed`` and
-    ``epoch`` together, so every epoch has its own, reproducible order; ``shuffle_seed=None``
-    reads in key order. Under ``torch.distributed`` each rank reads its own shards. Captions
-    are empty strings unless ``with_captions``.
-    """
-    return Stream(
-        uri,
-        batch_size=batch_size,
-        shuffle_seed=shuffle_seed,
-        epoch=epoch,
-        transform=transform,
-        with_captions=with_captions,
-        num_workers=num_workers,
-        shuffle_buffer=shuffle_buffer,
-        drop_last=drop_last,
-    )
+#: Batches ``(images, labels, captions)`` for one epoch of a shard set (see :class:`Stream`).
+stream = Stream
