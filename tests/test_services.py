@@ -28,11 +28,13 @@ from upstream import services, storage
 from upstream.errors import UpstreamError
 
 
-def _s3(info: services.ServicesInfo, key_id: str, secret: str) -> Any:
+def _s3(info: services.ServicesInfo, key_id: str, secret: str, attempts: int = 1) -> Any:
+    """A client of its own; one attempt by default, so that a refusal shows at once."""
     return boto3.client(
         "s3", endpoint_url=info.s3_endpoint, aws_access_key_id=key_id,
         aws_secret_access_key=secret, region_name="us-east-1",
-        config=Config(retries={"total_max_attempts": 1}, s3={"addressing_style": "path"}),
+        config=Config(retries={"mode": "standard", "total_max_attempts": attempts},
+                      s3={"addressing_style": "path"}),
     )
 
 
@@ -206,6 +208,9 @@ def test_lifecycle_noop_stale_cleanup_restart_and_down(tmp_path: Path) -> None:
         assert restarted.ports == info.ports  # remembered ports reused: endpoints unchanged
         assert restarted.s3_pid != info.s3_pid
         assert services.env(restarted)["AWS_SECRET_ACCESS_KEY"] == values["AWS_SECRET_ACCESS_KEY"]
+        # Retries as upstream's own client does: a transient 500 right after a crash and
+        # restart is not data loss.
+        s3 = _s3(info, values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"], attempts=5)
         assert s3.get_object(Bucket="upstream", Key=key)["Body"].read() == b"kept"
     finally:
         services.down(home)

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 #: Bucket for datasets, shards and checkpoints: the data root of the local services.
 DATA_BUCKET = "upstream"
+#: A tiny object written and read back to tell that S3 serves objects, not just buckets.
+READY_KEY = ".upstream/ready"
 #: Bucket behind MLflow's proxied artifact store.
 MLFLOW_BUCKET = "mlflow"
 DATA_ROOT = f"s3://{DATA_BUCKET}"
@@ -526,6 +528,12 @@ def _wait_s3(proc: subprocess.Popen[bytes], endpoint: str, key_id: str, secret: 
             # the -bucket flag creates exist, not merely that the port is open.
             for bucket in (DATA_BUCKET, MLFLOW_BUCKET):
                 client.head_bucket(Bucket=bucket)
+            # Buckets answer as soon as the filer does; objects need a volume server that
+            # the master knows (after a restart, with the volumes it had loaded). A write and
+            # a read back prove both before anyone else is told that S3 is up.
+            client.put_object(Bucket=DATA_BUCKET, Key=READY_KEY, Body=b"ready")
+            if client.get_object(Bucket=DATA_BUCKET, Key=READY_KEY)["Body"].read() != b"ready":
+                raise RuntimeError("read back differs")
             return
         except Exception:  # noqa: BLE001 - not ready yet, whatever the reason
             if time.monotonic() > deadline:
