@@ -65,13 +65,15 @@ class StageConfig(BaseModel):
 
 def describe_validation_error(cls: type[BaseModel], e: ValidationError) -> str:
     err = e.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "config"
-    msg = err["msg"]
+    field = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown option"
     value = err.get("input")
     shown = f" (got {value!r})" if err["type"] != "missing" and not isinstance(value, dict) else ""
     stage = getattr(cls, "stage", "") or cls.__name__
+    if not field:  # a check across fields: its message names them
+        return f"{stage}: {msg}"
     return f"{stage}: invalid {field}: {msg}{shown}"
 
 

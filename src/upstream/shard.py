@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from upstream import storage, tracking
 from upstream.config import StageConfig, wiring
 from upstream.data import Source, SourceSpec, check_source, corrupt, fit, open_source, parse_source
+from upstream.data.interventions import Interventions
+from upstream.data.sources import parse_sources
 from upstream.data.base import seed_words
 from upstream.errors import UpstreamError
 
@@ -42,26 +44,56 @@ _OWN_FILES = re.compile(
 )
 
 Corruption = Literal["none", "rotate", "noise", "blur", "contrast", "mixed"]
+#: Fields that do not change the data: where it goes, where it is logged, how fast it is made.
+NOT_DECISIVE = {"output", "experiment", "workers"}
+
+
+def split_list(text: str) -> list[str]:
+    """``"a, b,,c"`` → ``["a", "b", "c"]``: the comma lists of list-valued fields."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 class ShardConfig(StageConfig):
+    """What the shard stage writes: a source (or a mixture), interventions, and the layout.
+
+    Interventions apply in this order, each recorded in the manifest: class selection
+    (``classes``, ``num_classes``), label granularity (``hierarchy`` + ``label_level``),
+    caption filtering (``caption_require``, ``caption_exclude``), de-duplication (``dedup``),
+    then size (``proportions`` across a mixture's sources, ``samples_per_class`` and
+    ``num_samples`` class-balanced). Per-class diversity at a fixed size is ``num_samples``
+    with ``num_classes`` (or ``classes``) varied: fewer classes, more images each.
+    """
+
     stage: ClassVar[str] = "shard"
 
     source: str = Field(
         "digits",
         description="Where images come from: digits (scikit-learn's, upscaled), fractals "
-        "(IFS fractal categories), shapes (rendered shapes), imagefolder:DIR, or "
-        "torchvision:NAME (a torchvision dataset; downloads).",
+        "(FractalDB-style IFS categories), shapes (rendered shapes), imagefolder:DIR, "
+        "captions:TABLE (CSV/Parquet: image path, caption, optional label), wds:SHARDS "
+        "(existing WebDataset tars: a folder, brace pattern or s3:// prefix), or "
+        "torchvision:NAME (downloads). A mixture joins sources with '+' (fractals+shapes); "
+        "classes of the same name merge.",
     )
     split: Literal["train", "test"] = Field("train", description="Which split of the source.")
     output: str = wiring(
         "", description="Where the shards go: a local folder or s3://bucket/prefix."
     )
+    proportions: str = Field(
+        "",
+        description="A mixture's share of each source, comma-separated, summing to 1 "
+        "(0.7,0.3); empty = as many as each source gives.",
+    )
     num_classes: int = Field(
         0,
         ge=0,
-        description="Classes to keep (synthetic sources: categories to make); 0 = all "
-        "(fractals: 10).",
+        description="Classes to keep, the first ones (synthetic sources: categories to make); "
+        "0 = all (fractals: 10).",
+    )
+    classes: str = Field(
+        "",
+        description="Classes to keep by name (cat,dog) or by superclass of the hierarchy "
+        "(group:vehicles_1,group:flowers); empty = all.",
     )
     samples_per_class: int = Field(
         0,
@@ -69,19 +101,88 @@ class ShardConfig(StageConfig):
         description="Images per class at most (synthetic: instances made); 0 = all "
         "(synthetic: 100).",
     )
-    image_size: int = Field(32, ge=8, le=1024, description="Side of the square images, pixels.")
+    num_samples: int = Field(
+        0,
+        ge=0,
+        description="Total images N, class-balanced (every class gets N/classes, or all it "
+        "has if fewer); 0 = all that are left.",
+    )
+    hierarchy: str = Field(
+        "",
+        description="Class → superclass map: a shipped one (cifar100) or a JSON/CSV file; "
+        "used by label_level=coarse and by classes=group:NAME.",
+    )
+    label_level: Literal["fine", "coarse"] = Field(
+        "fine", description="Label granularity: the source's classes, or their superclasses."
+    )
+    captions: Literal["auto", "own", "template"] = Field(
+        "auto",
+        description="Captions: the source's own (caption tables, WebDataset txt), templated "
+        "from the label, or auto (own where a source has them, else templated).",
+    )
+    caption_template: str = Field(
+        DEFAULT_CAPTION,
+        description="Caption made from the class name ({label}), or 'clip' for CLIP's 80 "
+        "ImageNet templates, one drawn per image. Left at the default, a source's own "
+        "template is used where it reads better (digits: 'a photo of the digit {label}.').",
+    )
+    caption_require: str = Field(
+        "",
+        description="Keep only images whose caption has one of these words (comma list, or "
+        "@FILE with one word per line).",
+    )
+    caption_exclude: str = Field(
+        "",
+        description="Drop images whose caption has any of these words (comma list or @FILE).",
+    )
+    dedup: Literal["none", "exact", "near"] = Field(
+        "none",
+        description="Remove duplicate images: exact (same pixels) or near (perceptual hash "
+        "within dedup_distance bits); the first in source order is kept.",
+    )
+    dedup_distance: int = Field(
+        4, ge=0, le=16, description="Near duplicates: most differing bits of the 64-bit pHash."
+    )
+    image_size: int = Field(
+        32, ge=8, le=4096, description="Side of the square images (resize=max_side: the "
+        "longest side at most), pixels."
+    )
+    resize: Literal["square", "max_side", "keep"] = Field(
+        "square",
+        description="square: resize the shorter side and centre-crop; max_side: shrink so the "
+        "longest side is at most image_size; keep: as they are (files copied byte for byte "
+        "when nothing else changes them).",
+    )
     image_format: Literal["png", "jpg"] = Field("png", description="Encoding of the images.")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality (image_format=jpg).")
     corruption: Corruption = Field(
         "none", description="Corruption applied to every image, for out-of-distribution sets."
     )
     severity: int = Field(3, ge=1, le=5, description="Corruption severity, 1 (mild) to 5.")
-    caption_template: str = Field(
-        DEFAULT_CAPTION,
-        description="Caption made from the class name ({label}). Left at the default, a "
-        "source's own template is used where it reads better (digits: 'a photo of the digit "
-        "{label}.').",
+    shard_size: int = Field(1000, ge=1, description="Samples per shard at most.")
+    shard_bytes: int = Field(
+        0, ge=0, description="Bytes per shard at most (a shard holds one sample at least); 0 = "
+        "no limit."
     )
-    shard_size: int = Field(1000, ge=1, description="Samples per shard.")
+    min_shards: int = Field(
+        1,
+        ge=1,
+        description="Cut into at least this many shards when there are enough samples; use "
+        "≥ 8 × data workers × ranks of the training that reads them.",
+    )
+    on_bad_image: Literal["skip", "fail"] = Field(
+        "skip",
+        description="An unreadable image: skip it (counted and listed in the manifest) or fail.",
+    )
+    kshot: str = Field(
+        "",
+        description="k-shot splits to store beside the manifest as index lists, e.g. 1,5,10.",
+    )
+    kshot_trials: int = Field(3, ge=1, description="Seeds (0, 1, …) per k-shot split.")
+    workers: int = Field(
+        0, ge=0, description="Processes encoding images; 0 = one per CPU core. Does not change "
+        "the shards."
+    )
     seed: int = Field(0, description="Seed for sampling, generation, corruption and shuffling.")
     experiment: str = Field("upstream", description="MLflow experiment name.")
 
@@ -89,7 +190,7 @@ class ShardConfig(StageConfig):
     @classmethod
     def _source_syntax(cls, v: str) -> str:
         try:
-            parse_source(v)
+            parse_sources(v)
         except UpstreamError as e:
             raise ValueError(str(e)) from None
         return v
@@ -97,14 +198,30 @@ class ShardConfig(StageConfig):
     @field_validator("caption_template")
     @classmethod
     def _has_label(cls, v: str) -> str:
-        if "{label}" not in v:
-            raise ValueError("must contain {label}")
+        if v != "clip" and "{label}" not in v:
+            raise ValueError("must contain {label} (or be 'clip')")
         return v
+
+    @field_validator("kshot")
+    @classmethod
+    def _kshot_list(cls, v: str) -> str:
+        for part in split_list(v):
+            if not part.isdigit() or int(part) < 1:
+                raise ValueError(f"k-shot sizes are positive integers (got {part!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _interventions(self) -> ShardConfig:
+        try:
+            Interventions.from_config(self).check(len(parse_sources(self.source)))
+        except UpstreamError as e:
+            raise ValueError(str(e)) from None
+        return self
 
 
 def data_fingerprint(config: ShardConfig) -> str:
     """A hash of what decides the data: the config without where it goes or is logged."""
-    decisive = config.model_dump(mode="json", exclude={"output", "experiment"})
+    decisive = config.model_dump(mode="json", exclude=NOT_DECISIVE)
     blob = json.dumps(decisive, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

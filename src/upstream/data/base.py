@@ -31,6 +31,10 @@ def seed_words(*parts: int | str) -> list[int]:
     return out
 
 
+class BadImage(UpstreamError):
+    """An image that cannot be read or decoded: the shard stage skips or fails by policy."""
+
+
 class Source(abc.ABC):
     """Labelled images: ``labels[i]`` is known up front, ``image(i)`` makes the picture."""
 
@@ -38,6 +42,9 @@ class Source(abc.ABC):
     kind: str = ""
     #: A caption template that reads better for this source than the generic default.
     caption_template: str | None = None
+    #: False for unlabelled data (a caption table without labels): every label is 0 and
+    #: interventions that need classes refuse it.
+    has_labels: bool = True
 
     def __init__(self, class_names: Sequence[str], labels: Sequence[int], split: str) -> None:
         self.class_names = list(class_names)
@@ -54,6 +61,15 @@ class Source(abc.ABC):
     def meta(self, index: int) -> dict[str, Any]:
         """Source-specific facts about sample ``index`` for its metadata (e.g. a file name)."""
         return {}
+
+    def caption(self, index: int) -> str | None:
+        """The source's own caption of sample ``index`` (cheap, no image read), if it has one."""
+        return None
+
+    def raw(self, index: int) -> tuple[bytes, str] | None:
+        """The encoded image file of sample ``index`` and its extension (jpg, png, webp), for
+        copying byte for byte; None when the image is not a file (rendered, decoded arrays)."""
+        return None
 
     def sample(self, index: int) -> tuple[Image.Image, int, dict[str, Any]]:
         """``(image, label, meta)`` for sample ``index``."""

@@ -45,6 +45,14 @@ def parse_source(text: str) -> SourceSpec:
     return SourceSpec(kind, arg.strip())
 
 
+def parse_sources(text: str) -> list[SourceSpec]:
+    """A source string that may be a mixture (``fractals+shapes``): one spec per source."""
+    parts = [p.strip() for p in text.split("+")]
+    if any(not p for p in parts):
+        raise UpstreamError(f"empty source in mixture {text!r} (sources are joined with '+')")
+    return [parse_source(p) for p in parts]
+
+
 def check_source(spec: SourceSpec) -> None:
     """The checks that need imports but no data: a torchvision name must exist."""
     if spec.kind == "torchvision":
