@@ -7,6 +7,8 @@ subset and shuffle indices first and render or decode one image at a time afterw
 from __future__ import annotations
 
 import abc
+import io
+import os
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +35,46 @@ def seed_words(*parts: int | str) -> list[int]:
 
 class BadImage(UpstreamError):
     """An image that cannot be read or decoded: the shard stage skips or fails by policy."""
+
+
+#: Image file extensions (lower case) → the shard key a byte-for-byte copy is stored under.
+#: Only these formats are copied as they are: every WebDataset reader (open_clip's included)
+#: decodes them; images in other formats (bmp, tiff, ...) are decoded and re-encoded.
+RAW_KEYS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
+
+
+def raw_key(ext_or_name: str) -> str | None:
+    """The shard key for copying a file with this extension (or name) as is, else None."""
+    ext = ext_or_name.rsplit(".", 1)[-1].lower()
+    return RAW_KEYS.get(ext)
+
+
+def decode(data: bytes, where: str) -> Image.Image:
+    """``data`` decoded as an RGB image; :class:`BadImage` naming ``where`` if it is not one."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
+        raise BadImage(f"cannot read image {where}: {type(e).__name__}: {e}") from None
+
+
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of an image file; :class:`BadImage` naming it when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise BadImage(f"cannot read image {path}: {e.strerror or e}") from None
+
+
+def decode_file(path: str | os.PathLike[str]) -> Image.Image:
+    return decode(read_file(path), str(path))
+
+
+def raw_file(path: str | os.PathLike[str]) -> tuple[bytes, str] | None:
+    """``(bytes, shard key)`` of an image file in a format shards carry as is, else None."""
+    key = raw_key(os.fspath(path))
+    return None if key is None else (read_file(path), key)
 
 
 class Source(abc.ABC):
@@ -128,9 +170,16 @@ class Subset(Source):
         self.indices = list(indices)
         self.kind = base.kind
         self.caption_template = base.caption_template
+        self.has_labels = base.has_labels
 
     def image(self, index: int) -> Image.Image:
         return self.base.image(self.indices[index])
+
+    def caption(self, index: int) -> str | None:
+        return self.base.caption(self.indices[index])
+
+    def raw(self, index: int) -> tuple[bytes, str] | None:
+        return self.base.raw(self.indices[index])
 
     def meta(self, index: int) -> dict[str, Any]:
         # The base source's index, so that a sample is recognisable across subsets.

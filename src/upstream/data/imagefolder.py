@@ -3,6 +3,7 @@
 ``DIR/<class>/**/<image>``: classes are the sub-folder names in sorted order, images are the
 files with an image extension under each, in sorted order. If ``DIR`` has a sub-folder named
 after the split (``DIR/train``, ``DIR/test``), that sub-folder is the root of the split.
+``raw`` gives jpg, png and webp files byte for byte; other formats are decoded by the writer.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from upstream.data.base import Source
+from upstream.data.base import Source, decode_file, raw_file
 from upstream.errors import UpstreamError
 
 #: torchvision's ``IMG_EXTENSIONS``.
@@ -63,12 +64,10 @@ class ImageFolderSource(Source):
         super().__init__(classes, [label for _, label in self.items], split)
 
     def image(self, index: int) -> Image.Image:
-        path = self.items[index][0]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise UpstreamError(f"imagefolder: cannot read image {path}: {e}") from None
+        return decode_file(self.items[index][0])
+
+    def raw(self, index: int) -> tuple[bytes, str] | None:
+        return raw_file(self.items[index][0])
 
     def meta(self, index: int) -> dict[str, Any]:
         return {"file": self.items[index][0].relative_to(self.root).as_posix()}

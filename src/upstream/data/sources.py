@@ -1,10 +1,11 @@
 """``ShardConfig.source`` strings → :class:`Source` objects.
 
-``digits``, ``fractals``, ``shapes``, ``imagefolder:DIR`` or ``torchvision:NAME``. Checking a
-string happens in three steps, each as early as it can be: its syntax when the config is
-parsed (:func:`parse_source`), the torchvision name before any other work
-(:func:`check_source`), and everything about the data itself when it is opened
-(:func:`open_source`), still before a single image is written.
+``digits``, ``fractals``, ``shapes``, ``imagefolder:DIR``, ``captions:TABLE``, ``wds:SHARDS``
+or ``torchvision:NAME``. Checking a string happens in three steps, each as early as it can be:
+its syntax when the config is parsed (:func:`parse_source`), what needs no data before any
+other work (:func:`check_source`: a torchvision name exists, a table or local shards exist),
+and everything about the data itself when it is opened (:func:`open_source`: columns, files,
+tar headers, classes), still before a single image is written.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from upstream.data.base import Source, subset
 from upstream.errors import UpstreamError
 
 SYNTHETIC = ("digits", "fractals", "shapes")
-WITH_ARGUMENT = ("imagefolder", "torchvision")
-KINDS = SYNTHETIC + WITH_ARGUMENT
+#: Each kind that takes an argument, and what the argument is called in messages.
+WITH_ARGUMENT = {"imagefolder": "DIR", "captions": "TABLE", "wds": "SHARDS", "torchvision": "NAME"}
+KINDS = SYNTHETIC + tuple(WITH_ARGUMENT)
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,10 @@ def parse_source(text: str) -> SourceSpec:
     kind, sep, arg = text.partition(":")
     kind = kind.strip()
     if kind not in KINDS:
-        raise UpstreamError(
-            f"unknown source {text!r}: use digits, fractals, shapes, imagefolder:DIR or "
-            "torchvision:NAME"
-        )
+        usage = ", ".join([*SYNTHETIC, *(f"{k}:{v}" for k, v in WITH_ARGUMENT.items())])
+        raise UpstreamError(f"unknown source {text!r}: use one of {usage}")
     if kind in WITH_ARGUMENT and not arg.strip():
-        what = "DIR" if kind == "imagefolder" else "NAME"
+        what = WITH_ARGUMENT[kind]
         raise UpstreamError(f"source {kind} needs a {what}: {kind}:{what}")
     if kind in SYNTHETIC and sep:
         raise UpstreamError(f"source {kind} takes no argument (got {text!r})")
@@ -54,11 +54,20 @@ def parse_sources(text: str) -> list[SourceSpec]:
 
 
 def check_source(spec: SourceSpec) -> None:
-    """The checks that need imports but no data: a torchvision name must exist."""
+    """The checks that need no data: a torchvision name exists; a caption table is a local
+    .csv/.tsv/.parquet file that exists; local shards exist (no network, nothing read)."""
     if spec.kind == "torchvision":
         from upstream.data.tvdatasets import dataset_class
 
         dataset_class(spec.arg)
+    elif spec.kind == "captions":
+        from upstream.data.captions import check_table
+
+        check_table(spec.arg)
+    elif spec.kind == "wds":
+        from upstream.data.wds import check_shards
+
+        check_shards(spec.arg)
 
 
 def open_source(
@@ -109,6 +118,14 @@ def open_source(
         from upstream.data.imagefolder import ImageFolderSource
 
         base = ImageFolderSource(spec.arg, split)
+    elif spec.kind == "captions":
+        from upstream.data.captions import CaptionTableSource
+
+        base = CaptionTableSource(spec.arg, split)
+    elif spec.kind == "wds":
+        from upstream.data.wds import WebDatasetSource
+
+        base = WebDatasetSource(spec.arg, split)
     else:
         from upstream.data.tvdatasets import TorchvisionSource, open_dataset
 
