@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/upstream run transfer --local
 
 lint: setup
-	$(BIN)/ruff check src components pipelines tests
+	$(BIN)/ruff check src components pipelines tests benchmarks
 
 compile: setup
 	$(BIN)/upstream compile

@@ -14,6 +14,7 @@ import base64
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,8 @@ def run_shard(dataset: Any, data_root: str, run_group: str = "", **knobs: Any) -
 
     _setup(run_group)
     unplaced = ShardConfig.parse(**knobs)
-    slug = unplaced.source.replace(":", "-").replace("/", "-")
+    # Readable but safe in an S3 key: mixtures, paths and URIs in the source are flattened.
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", unplaced.source).strip("-.")[:48] or "data"
     name = f"{slug}-{unplaced.split}-{data_fingerprint(unplaced)}"
     output = storage.join(data_root, "shards", name)
     manifest = shard(ShardConfig.parse(**knobs, output=output))

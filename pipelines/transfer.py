@@ -42,21 +42,43 @@ SETTINGS_ENV = {
 
 _SOURCE_HELP = ShardConfig.model_fields["source"].description or ""
 
+#: Shard fields set once for all four data steps (pipeline parameters of their own).
+SHARED_DATA = {"image_size": "image_size", "image_format": "image_format",
+               "jpeg_quality": "jpeg_quality", "resize": "image_resize", "seed": "data_seed",
+               "workers": "data_workers"}
+#: Shard fields the pipeline sets per step itself.
+PER_STEP = {"split", "corruption", "severity", "experiment", "kshot", "kshot_trials"}
+#: Every other shard field is a knob of the pre-training data: ``pretrain_data_<field>``.
+PRETRAIN_DATA_FIELDS = [
+    f for f in ShardConfig.knob_fields() if f not in SHARED_DATA and f not in PER_STEP
+]
+_PRETRAIN_DATA_DEFAULTS: dict[str, Any] = {
+    "source": "fractals", "num_classes": 10, "samples_per_class": 200,
+}
+
 PARAMS: list[Param] = [
     Param.from_field(PretrainConfig, "experiment"),
     DATA_ROOT,
     WORK_ROOT,
-    Param.from_field(ShardConfig, "source", "pretrain_source", default="fractals",
-                     description="Pre-training data: " + _SOURCE_HELP),
-    Param.from_field(ShardConfig, "num_classes", "pretrain_num_classes", default=10),
-    Param.from_field(ShardConfig, "samples_per_class", "pretrain_samples_per_class", default=200),
+    *[
+        Param.from_field(
+            ShardConfig,
+            f,
+            "pretrain_data_" + f,
+            **({"default": _PRETRAIN_DATA_DEFAULTS[f]} if f in _PRETRAIN_DATA_DEFAULTS else {}),
+            **({"description": "Pre-training data: " + _SOURCE_HELP} if f == "source" else {}),
+        )
+        for f in PRETRAIN_DATA_FIELDS
+    ],
     Param.from_field(ShardConfig, "source", "downstream_source", default="digits",
                      description="Downstream data (train and test splits): " + _SOURCE_HELP),
+    Param.from_field(ShardConfig, "kshot", "downstream_kshot",
+                     description="k-shot splits of the downstream training set stored as index "
+                     "lists beside its manifest (1,5,10); fine-tuning reads them."),
+    Param.from_field(ShardConfig, "kshot_trials", "downstream_kshot_trials"),
     Param.from_field(ShardConfig, "corruption", "ood_corruption", default="mixed"),
     Param.from_field(ShardConfig, "severity", "ood_severity"),
-    Param.from_field(ShardConfig, "image_size"),
-    Param.from_field(ShardConfig, "image_format"),
-    Param.from_field(ShardConfig, "seed", "data_seed"),
+    *[Param.from_field(ShardConfig, f, name) for f, name in SHARED_DATA.items()],
     *[p for p in knob_params(PretrainConfig, "pretrain_") if p.name != "pretrain_experiment"],
     *[p for p in knob_params(FinetuneConfig, "finetune_") if p.name != "finetune_experiment"],
     *[p for p in knob_params(EvaluateConfig, "evaluate_") if p.name != "evaluate_experiment"],
@@ -78,24 +100,20 @@ def _with_cluster_env(task: Any) -> Any:
 
 def _build(p: Any) -> Any:
     group = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
-    data = dict(
-        image_size=p.image_size,
-        image_format=p.image_format,
-        seed=p.data_seed,
-        data_root=p.data_root,
-        experiment=p.experiment,
-        run_group=group,
-    )
+    data = {f: getattr(p, name) for f, name in SHARED_DATA.items()}
+    data.update(data_root=p.data_root, experiment=p.experiment, run_group=group)
     pre_data = shard_op(
-        source=p.pretrain_source,
         split="train",
-        num_classes=p.pretrain_num_classes,
-        samples_per_class=p.pretrain_samples_per_class,
+        **{f: getattr(p, "pretrain_data_" + f) for f in PRETRAIN_DATA_FIELDS},
         **data,
     ).set_display_name("shard pre-training data")
-    train_data = shard_op(source=p.downstream_source, split="train", **data).set_display_name(
-        "shard downstream train"
-    )
+    train_data = shard_op(
+        source=p.downstream_source,
+        split="train",
+        kshot=p.downstream_kshot,
+        kshot_trials=p.downstream_kshot_trials,
+        **data,
+    ).set_display_name("shard downstream train")
     id_data = shard_op(source=p.downstream_source, split="test", **data).set_display_name(
         "shard ID test"
     )
@@ -151,13 +169,13 @@ def stage_configs(values: dict[str, Any]) -> list[Any]:
     one-line error naming the parameter instead of a failed pipeline step minutes later.
     """
     v = {p.name: p.default for p in PARAMS} | values
-    data = {"image_size": v["image_size"], "image_format": v["image_format"],
-            "seed": v["data_seed"], "experiment": v["experiment"]}
+    data = {f: v[name] for f, name in SHARED_DATA.items()} | {"experiment": v["experiment"]}
     shards = [
-        ShardConfig.parse(source=v["pretrain_source"], split="train",
-                          num_classes=v["pretrain_num_classes"],
-                          samples_per_class=v["pretrain_samples_per_class"], **data),
-        ShardConfig.parse(source=v["downstream_source"], split="train", **data),
+        ShardConfig.parse(split="train", **{f: v["pretrain_data_" + f] for f in PRETRAIN_DATA_FIELDS},
+                          **data),
+        ShardConfig.parse(source=v["downstream_source"], split="train",
+                          kshot=v["downstream_kshot"], kshot_trials=v["downstream_kshot_trials"],
+                          **data),
         ShardConfig.parse(source=v["downstream_source"], split="test",
                           corruption=v["ood_corruption"], severity=v["ood_severity"], **data),
     ]

@@ -80,3 +80,19 @@ def test_stage_configs_accept_defaults_and_name_bad_values() -> None:
         stage_configs("transfer", {"pretrain_method": "moco"})
     with pytest.raises(UpstreamError, match="shard: invalid corruption"):
         stage_configs("transfer", {"ood_corruption": "fog"})
+    with pytest.raises(UpstreamError, match="proportions must sum to 1"):
+        stage_configs("transfer", {"pretrain_data_source": "fractals+shapes",
+                                   "pretrain_data_proportions": "0.5,0.6"})
+
+
+def test_every_data_intervention_is_a_pipeline_parameter() -> None:
+    from upstream.pipelines.transfer import PARAMS
+    from upstream.shard import ShardConfig
+
+    names = {p.name for p in PARAMS}
+    for field in ("source", "proportions", "num_samples", "classes", "hierarchy",
+                  "label_level", "captions", "caption_template", "caption_require",
+                  "caption_exclude", "dedup", "dedup_distance", "shard_bytes", "min_shards"):
+        assert "pretrain_data_" + field in names, field
+        assert field in ShardConfig.knob_fields()
+    assert {"downstream_kshot", "image_resize", "jpeg_quality", "data_workers"} <= names

@@ -13,13 +13,20 @@ import sys
 
 import pytest
 
-from upstream import loader
+from upstream import loader, storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 TINY = {
-    "--pretrain-num-classes": "4",
-    "--pretrain-samples-per-class": "24",
+    # A mixture with proportions and a class-balanced total: interventions as pipeline params.
+    "--pretrain-data-source": "fractals+shapes",
+    "--pretrain-data-num-classes": "4",
+    "--pretrain-data-samples-per-class": "24",
+    "--pretrain-data-proportions": "0.75,0.25",
+    "--pretrain-data-num-samples": "96",
+    "--pretrain-data-min-shards": "4",
+    "--downstream-kshot": "10",
+    "--downstream-kshot-trials": "1",
     "--pretrain-epochs": "3",
     "--pretrain-batch-size": "16",
     "--finetune-shots": "10",
@@ -103,7 +110,16 @@ def test_manifest_counts_match_mlflow(local_run) -> None:
         assert sum(stored["class_counts"].values()) == stored["num_samples"]
         assert manifest_uri.startswith("s3://upstream/")
         seen[key] = stored
-    assert seen[("fractals", "train", "none")]["num_samples"] == 4 * 24
+    pre = seen[("fractals+shapes", "train", "none")]
+    assert pre["num_samples"] == 96 and len(pre["shards"]) >= 4
+    counts = pre["class_counts"]
+    # 72 fractals over their 4 classes, 24 shapes over theirs: class-balanced within each
+    assert sum(v for k, v in counts.items() if k.startswith("fractal-")) == 72
+    assert {v for k, v in counts.items() if k.startswith("fractal-")} == {18}
     assert seen[("digits", "test", "none")]["num_samples"] == 360
     assert seen[("digits", "test", "mixed")]["num_samples"] == 360
-    assert seen[("digits", "train", "none")]["num_samples"] == 1437
+    train = seen[("digits", "train", "none")]
+    assert train["num_samples"] == 1437
+    # the 10-shot split fine-tuning used is stored beside the manifest
+    stored = storage.read_json(storage.join(train["uri"], "kshot", "k10-seed0.json"))
+    assert len(stored["indices"]) == 100

@@ -54,6 +54,21 @@ class FinetuneConfig(StageConfig):
     experiment: str = Field("upstream", description="MLflow experiment name.")
 
 
+def stored_kshot(data: str, shots: int, seed: int) -> list[int] | None:
+    """The k-shot split the shard stage stored beside ``data``'s manifest, if it did.
+
+    Stored lists come from :func:`upstream.loader.kshot_indices` with the same arguments, so
+    reading one gives the same images as drawing them here; it only saves decoding the rest.
+    """
+    from upstream import storage
+
+    uri = storage.join(data, "kshot", f"k{shots}-seed{seed}.json")
+    if not storage.exists(uri):
+        return None
+    stored = storage.read_json(uri)
+    return [int(i) for i in stored["indices"]]
+
+
 def check_shots(manifest: dict[str, Any], shots: int, data: str) -> None:
     """Raise when ``shots`` exceeds the smallest class, from the manifest's class counts."""
     if not shots:
@@ -173,14 +188,20 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     ckpt = models.load_checkpoint(config.pretrained)
     model_uri = storage.join(output, models.MODEL_FILE)
 
-    images, labels_t, _ = loader.load_split(config.data)
-    labels = np.asarray(labels_t, dtype=np.int64)
-    if config.shots:
-        idx = np.asarray(
-            loader.kshot_indices(labels, config.shots, config.seed, class_names=class_names),
-            dtype=np.int64,
-        )
-        images, labels = images[torch.as_tensor(idx)], labels[idx]
+    stored = stored_kshot(config.data, config.shots, config.seed) if config.shots else None
+    if stored is not None:
+        # The shard stage stored this split: decode those images only.
+        images, labels_t, _ = loader.load_split(config.data, indices=stored)
+        labels = np.asarray(labels_t, dtype=np.int64)
+    else:
+        images, labels_t, _ = loader.load_split(config.data)
+        labels = np.asarray(labels_t, dtype=np.int64)
+        if config.shots:
+            idx = np.asarray(
+                loader.kshot_indices(labels, config.shots, config.seed, class_names=class_names),
+                dtype=np.int64,
+            )
+            images, labels = images[torch.as_tensor(idx)], labels[idx]
     images = torch.as_tensor(images, dtype=torch.float32)
     if len(labels) == 0:
         raise UpstreamError(f"finetune: {config.data} holds no samples")
