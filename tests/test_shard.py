@@ -101,7 +101,11 @@ def test_other_config_replaces_old_shards(tmp_path: Path) -> None:
     out = tmp_path / "out"
     shard(small(out, shard_size=4))  # 8 shards
     m = shard(small(out, shard_size=30))
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "shard-000000.tar",
+        "sizes.json",
+    ]
     assert m["shards"][0]["num_samples"] == 30
 
 
@@ -115,7 +119,7 @@ def test_half_written_output_is_removed(tmp_path: Path) -> None:
     assert json.loads((out / "manifest.json").read_text()) == m
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [
         f"shard-00000{i}.tar" for i in range(4)
-    ]
+    ] + ["sizes.json"]
 
 
 def test_refuses_to_delete_foreign_files(tmp_path: Path) -> None:
@@ -133,7 +137,7 @@ def test_refuses_to_delete_foreign_files(tmp_path: Path) -> None:
     ("kw", "message"),
     [
         ({"output": ""}, "output is required"),
-        ({"num_classes": 11}, "digits has 10 classes"),
+        ({"num_classes": 11}, r"digits\) has 10 classes"),
         ({"source": "imagefolder:/no/such/dir"}, "does not exist"),
         ({"source": "torchvision:NoSuchSet"}, "unknown torchvision dataset"),
     ],
@@ -194,7 +198,10 @@ def test_mlflow_run_records_the_set(tmp_path: Path) -> None:
     exp = mlflow.get_experiment_by_name("shard-test")
     assert exp is not None
     (run,) = mlflow.search_runs([exp.experiment_id], output_format="list")
-    assert run.data.metrics == {"num_samples": 30.0, "num_classes": 3.0}
+    metrics = run.data.metrics
+    assert metrics.pop("images_per_s") > 0
+    assert metrics == {"num_samples": 30.0, "num_classes": 3.0, "skipped": 0.0,
+                       "resumed_shards": 0.0}
     assert run.data.tags["upstream.source"] == "digits"
     assert run.data.tags["upstream.split"] == "train"
     assert run.data.params["shard.num_classes"] == "3"
@@ -213,7 +220,7 @@ def test_s3_output(moto_s3: str) -> None:
     out = f"s3://{moto_s3}/sets/digits"
     m = shard(small(out))
     files = sorted(u.rsplit("/", 1)[1] for u in storage.list_files(out))
-    assert files == ["manifest.json"] + [f"shard-00000{i}.tar" for i in range(4)]
+    assert files == ["manifest.json"] + [f"shard-00000{i}.tar" for i in range(4)] + ["sizes.json"]
     assert storage.read_json(f"{out}/manifest.json") == m
     data = storage.read_bytes(f"{out}/shard-000001.tar")
     assert hashlib.sha256(data).hexdigest() == m["shards"][1]["sha256"]
@@ -228,7 +235,7 @@ def test_s3_output(moto_s3: str) -> None:
     storage.write_bytes(f"{out}/shard-000042.tar", b"junk")
     m2 = shard(small(out, shard_size=30))
     files = sorted(u.rsplit("/", 1)[1] for u in storage.list_files(out))
-    assert files == ["manifest.json", "shard-000000.tar"]
+    assert files == ["manifest.json", "shard-000000.tar", "sizes.json"]
     assert Counter(m2["class_counts"].values()) == {10: 3}
 
 

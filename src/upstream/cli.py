@@ -93,7 +93,8 @@ def stage_command(config_cls: type[StageConfig], run: Callable[[Any], Any], summ
     app.command(name=config_cls.stage, help=summary)(_guarded(command))
 
 
-_BULKY = ("shards", "config", "confusion_matrix", "per_class_f1", "keys", "class_names")
+_BULKY = ("shards", "config", "confusion_matrix", "per_class_f1", "keys", "class_names",
+          "interventions", "skipped", "kshot", "caption_templates", "sizes")
 
 
 def _brief(result: Any) -> Any:

@@ -1,21 +1,46 @@
-"""Shard stage: a source → WebDataset tar shards (local path or ``s3://``) + ``manifest.json``.
+"""Shard stage: sources → WebDataset tar shards (local path or ``s3://``) + ``manifest.json``.
 
-Sample keys: ``png`` or ``jpg`` (the image), ``cls`` (the integer label), ``txt`` (a caption),
-``json`` (metadata: source, split, index, class name, corruption, severity). ``__key__`` is
-the sample's position in the set (``000123``): samples are shuffled by the seed before they
-are cut into shards, so every shard mixes the classes. ``manifest.json`` is written last, so
-its presence means the shards are complete; the same config writes byte-identical shards.
+Sample keys: ``png`` or ``jpg`` (the image; a copied file keeps its own ``jpg``, ``png`` or
+``webp``), ``cls`` (the integer label), ``txt`` (a caption), ``json`` (metadata: source,
+split, index, class name, corruption, severity). ``__key__`` is the sample's position in the
+set (``000123``): samples are shuffled by the seed before they are cut into shards, so every
+shard mixes the classes. Beside the shards: ``sizes.json`` (samples per shard, as WebDataset
+tools read it), ``kshot/k{K}-seed{S}.json`` (k-shot index lists) and ``manifest.json``,
+written last, so that its presence means the set is complete. The same config writes
+byte-identical shards, whatever the number of workers and however often it was interrupted.
+
+The stage, in order: every check that needs no image (output, sources, the interventions'
+plan, captions, k-shot sizes), then encoding in worker processes while the main process writes
+the tars and a thread uploads them. After each uploaded shard, ``.progress.json`` in the output
+records it: a re-run of the same config continues after the last shard that is still there.
+
+Decisions where the issue is silent:
+
+- ``min_shards`` lowers the samples per shard to the largest count that still gives that
+  many shards (from the planned count: skipped images can leave fewer).
+- Keys count the samples written, so a skipped image leaves no gap; the manifest lists the
+  skipped images (the first :data:`MAX_LISTED_SKIPS`) and counts them all.
+- The manifest does not record ``workers``: it changes how fast the shards are made, not them.
+- A continuation needs the same fingerprint and the same plan (a digest of the written order,
+  so changed source data is not mixed in); it keeps the finished shards still there at their
+  recorded size, up to the first that is not, and writes the rest again. ``.progress.json``
+  is removed once the manifest is written.
+- Generated sources are made with ``num_classes`` × ``samples_per_class``; every other source
+  is opened whole and the plan cuts it.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
 import logging
 import math
+import os
 import re
-import tempfile
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -24,23 +49,34 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from upstream import storage, tracking
+from upstream.captioning import DEFAULT_CAPTION, Captioner
 from upstream.config import StageConfig, wiring
-from upstream.data import Source, SourceSpec, check_source, corrupt, fit, open_source, parse_source
-from upstream.data.interventions import Interventions
-from upstream.data.sources import parse_sources
+from upstream.data import Source, SourceSpec, check_source, open_source
 from upstream.data.base import seed_words
+from upstream.data.interventions import GENERATED_KINDS, Interventions, Plan
+from upstream.data.sources import parse_sources
 from upstream.errors import UpstreamError
+from upstream.shardencode import DECODE_ERRORS, EncodeJob, Encoding
+from upstream.shardwriter import FinishedShard, ShardWriting, Uploader
+from upstream.workerpool import chunk_size, make_pool, ordered_results, spans
 
 log = logging.getLogger(__name__)
 
 #: Version of the manifest and shard layout; readers refuse others.
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-DEFAULT_CAPTION = "a photo of a {label}."
-#: Files a shard stage leaves in its output (shards, the manifest, their temporary copies):
-#: the only ones it will delete when it clears an output for a rewrite.
+SIZES = "sizes.json"
+PROGRESS = ".progress.json"
+KSHOT_DIR = "kshot"
+#: Skipped images listed by name in the manifest (all are counted).
+MAX_LISTED_SKIPS = 1000
+#: Files a shard stage leaves in its output (shards, the manifest, sizes, k-shot lists, the
+#: progress record, their temporary copies): the only ones it deletes when it clears an output.
 _OWN_FILES = re.compile(
-    r"shard-\d+\.tar|manifest\.json|\.shard-\d+\.tar\.part|\.manifest\.json\..+"
+    r"shard-\d+\.tar|\.shard-\d+\.tar\.part"
+    r"|(manifest|sizes)\.json|\.(manifest|sizes)\.json\..+"
+    r"|\.progress\.json|\.\.progress\.json\..+"
+    r"|kshot/k\d+-seed\d+\.json|kshot/\.k\d+-seed\d+\.json\..+"
 )
 
 Corruption = Literal["none", "rotate", "noise", "blur", "contrast", "mixed"]
@@ -227,73 +263,43 @@ def data_fingerprint(config: ShardConfig) -> str:
 
 
 def shard(config: ShardConfig) -> dict[str, Any]:
-    """Write the shards and the manifest; return the manifest.
+    """Write the shards, ``sizes.json``, k-shot lists and the manifest; return the manifest.
 
     A no-op returning the existing manifest when ``config.output`` already holds this config's
-    shards. Shard-stage files already there (a half-written earlier attempt, or another
-    config's shards) are removed first; any other file there refuses the output.
+    shards; a continuation when it holds part of them (``.progress.json``). Shard-stage files
+    already there (another config's, or an attempt that cannot be continued) are removed
+    first; any other file there refuses the output.
     """
     if not config.output:
         raise UpstreamError("shard: output is required (a local folder or s3://bucket/prefix)")
-    spec = parse_source(config.source)
-    check_source(spec)
+    specs = parse_sources(config.source)
+    for spec in specs:
+        check_source(spec)
     storage.check_reachable(config.output)
     fingerprint = data_fingerprint(config)
-    manifest_uri = storage.join(config.output, MANIFEST)
-    if storage.exists(manifest_uri):
-        try:
-            existing = storage.read_json(manifest_uri)
-        except ValueError:  # a damaged manifest marks nothing: replace the set
-            existing = {}
-        if (
-            isinstance(existing, dict)
-            and existing.get("fingerprint") == fingerprint
-            and existing.get("format") == FORMAT_VERSION
-        ):
-            log.info("shards at %s are up to date (fingerprint %s)", config.output, fingerprint)
-            # Still one MLflow run per stage call, so a pipeline run's record is complete.
-            tags = {"upstream.source": config.source, "upstream.split": config.split,
-                    "upstream.reused": "true"}
-            with tracking.stage_run(config, config.experiment, tags=tags):
-                import mlflow
-
-                mlflow.log_metrics(
-                    {"num_samples": existing["num_samples"], "num_classes": existing["num_classes"]}
-                )
-                mlflow.log_dict(existing, MANIFEST)
-            return existing
-        log.warning(
-            "%s holds other shards (fingerprint %s); replacing them",
-            config.output,
-            existing.get("fingerprint") if isinstance(existing, dict) else None,
-        )
-    source = open_source(
-        spec,
-        config.split,
-        num_classes=config.num_classes,
-        samples_per_class=config.samples_per_class,
-        image_size=config.image_size,
-        seed=config.seed,
-    )
-    if len(source) == 0:
-        raise UpstreamError(f"shard: {config.source} ({config.split}) has no samples")
+    existing = _complete_manifest(config, fingerprint)
+    if existing is not None:
+        return existing
     stale = _stale_files(config.output)
-
-    tags = {"upstream.source": config.source, "upstream.split": config.split}
-    with tracking.stage_run(config, config.experiment, tags=tags):
-        import mlflow
-
-        # The marker goes first, so that a reader never pairs it with half-deleted shards.
-        storage.remove_file(manifest_uri)
-        for uri in stale:
-            storage.remove_file(uri)
-        manifest, examples = _write(config, spec, source, fingerprint)
-        storage.write_json(manifest_uri, manifest)
-        mlflow.log_metrics(
-            {"num_samples": manifest["num_samples"], "num_classes": manifest["num_classes"]}
-        )
-        mlflow.log_dict(manifest, MANIFEST)
-        mlflow.log_image(example_grid(examples), "examples.png")
+    prepared = prepare(config, specs)
+    workers = config.workers or os.cpu_count() or 1
+    # Everything allocated so far (modules, sources, the plan) lives as long as the stage:
+    # frozen, the garbage collector stops re-scanning it (a full pass over torch and MLflow
+    # costs ~0.2 s here) and forked workers stop copying the pages it touches.
+    gc.freeze()
+    try:
+        # Forked before MLflow or the upload thread start: a child gets no half-held lock.
+        pool = make_pool(prepared.job, workers)
+        try:
+            tags = {"upstream.source": config.source, "upstream.split": config.split}
+            with tracking.stage_run(config, config.experiment, tags=tags):
+                manifest = _write(config, prepared, fingerprint, stale, pool, workers)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+    finally:
+        gc.unfreeze()
     log.info(
         "wrote %d samples in %d shards to %s",
         manifest["num_samples"],
@@ -301,6 +307,213 @@ def shard(config: ShardConfig) -> dict[str, Any]:
         config.output,
     )
     return manifest
+
+
+def _complete_manifest(config: ShardConfig, fingerprint: str) -> dict[str, Any] | None:
+    """The manifest at ``config.output`` if it is this config's (logged as a reused run)."""
+    manifest_uri = storage.join(config.output, MANIFEST)
+    if not storage.exists(manifest_uri):
+        return None
+    try:
+        existing = storage.read_json(manifest_uri)
+    except ValueError:  # a damaged manifest marks nothing: replace the set
+        existing = {}
+    if not (
+        isinstance(existing, dict)
+        and existing.get("fingerprint") == fingerprint
+        and existing.get("format") == FORMAT_VERSION
+    ):
+        log.warning(
+            "%s holds other shards (fingerprint %s); replacing them",
+            config.output,
+            existing.get("fingerprint") if isinstance(existing, dict) else None,
+        )
+        return None
+    log.info("shards at %s are up to date (fingerprint %s)", config.output, fingerprint)
+    # Still one MLflow run per stage call, so a pipeline run's record is complete.
+    tags = {"upstream.source": config.source, "upstream.split": config.split,
+            "upstream.reused": "true"}
+    with tracking.stage_run(config, config.experiment, tags=tags):
+        import mlflow
+
+        mlflow.log_metrics(
+            {"num_samples": existing["num_samples"], "num_classes": existing["num_classes"]}
+        )
+        mlflow.log_dict(existing, MANIFEST)
+    return existing
+
+
+# --- before any image is encoded ------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """What the checks decided: the plan, in written order, and how to encode it."""
+
+    specs: list[SourceSpec]
+    sources: list[Source]
+    plan: Plan
+    job: EncodeJob
+    per_shard: int
+    key_width: int
+    #: ``(source number, index)`` found unreadable while hashing (never planned)
+    unreadable: list[tuple[int, int]]
+    digest: str
+
+
+def open_sources(config: ShardConfig, specs: list[SourceSpec]) -> list[Source]:
+    """Every source of the mixture, opened (and so checked) before anything is computed."""
+    sources = []
+    for spec in specs:
+        # Generated sources are made with num_classes × samples_per_class; the plan cuts
+        # the others, so they are opened whole.
+        generated = spec.kind in GENERATED_KINDS
+        source = open_source(
+            spec,
+            config.split,
+            num_classes=config.num_classes if generated else 0,
+            samples_per_class=config.samples_per_class if generated else 0,
+            image_size=config.image_size,
+            seed=config.seed,
+        )
+        if len(source) == 0:
+            raise UpstreamError(f"shard: {spec} ({config.split}) has no samples")
+        sources.append(source)
+    return sources
+
+
+def prepare(config: ShardConfig, specs: list[SourceSpec]) -> Prepared:
+    """Open the sources, plan the samples and check everything that needs no image."""
+    from upstream.data import interventions
+
+    sources = open_sources(config, specs)
+    names = [str(spec) for spec in specs]
+    captioner = Captioner(config.captions, config.caption_template, sources, names, config.seed)
+    workers = config.workers or os.cpu_count() or 1
+
+    def hashes_of(refs: list[tuple[int, int]], mode: str) -> list[int | None]:
+        return compute_hashes(sources, refs, mode, workers)
+
+    plan = interventions.plan(
+        sources,
+        Interventions.from_config(config),
+        caption_of=captioner.caption,
+        hashes_of=hashes_of,
+    )
+    unreadable = [(int(s), int(i)) for s, i in plan.unreadable]
+    if unreadable and config.on_bad_image == "fail":
+        s, i = unreadable[0]
+        raise UpstreamError(
+            f"shard: cannot read image {i} of {names[s]} (found while de-duplicating; "
+            "on_bad_image=skip skips such images)"
+        )
+    gone = set(unreadable)
+    items = [item for item in plan.items if (item[0], item[1]) not in gone]
+    if not items:
+        raise UpstreamError(f"shard: no samples of {config.source} are left to write")
+    if config.captions == "own":
+        for s, i, _ in items:  # a missing caption fails now, not half-way through
+            captioner.caption(s, i)
+    _check_kshot(config, plan, items)
+    n = len(items)
+    # Shuffled before sharding so that classes mix within every shard.
+    order = np.random.default_rng(seed_words("shard-order", config.seed)).permutation(n)
+    sequence = [items[k] for k in order]
+    encoding = Encoding(
+        resize=config.resize,
+        image_size=config.image_size,
+        image_format=config.image_format,
+        jpeg_quality=config.jpeg_quality,
+        corruption=config.corruption,
+        severity=config.severity,
+        seed=config.seed,
+    )
+    job = EncodeJob(sources, sequence, plan.class_names, captioner, encoding, len(sources) > 1)
+    digest = hashlib.sha256(
+        np.asarray(sequence, dtype=np.int64).tobytes() + json.dumps(plan.class_names).encode()
+    ).hexdigest()[:16]
+    return Prepared(
+        specs,
+        sources,
+        plan,
+        job,
+        per_shard(n, config.shard_size, config.min_shards),
+        max(6, len(str(n - 1))),
+        unreadable,
+        digest,
+    )
+
+
+def per_shard(n: int, shard_size: int, min_shards: int) -> int:
+    """Samples per shard: ``shard_size`` at most, and few enough for ``min_shards`` shards
+    (the largest such count; 1 when there are fewer samples than ``min_shards``)."""
+    size = max(1, min(shard_size, math.ceil(n / min_shards)))
+    while size > 1 and math.ceil(n / size) < min_shards:
+        size -= 1
+    return size
+
+
+def _check_kshot(config: ShardConfig, plan: Plan, items: list[tuple[int, int, int]]) -> None:
+    shots = [int(k) for k in split_list(config.kshot)]
+    if not shots:
+        return
+    if not getattr(plan, "labelled", True):
+        raise UpstreamError(f"shard: kshot needs labels, but {config.source} has none")
+    counts = Counter(label for _, _, label in items)
+    # The first class in label order among the smallest, as kshot_indices would name it.
+    c = min(range(len(plan.class_names)), key=lambda c: counts.get(c, 0))
+    if max(shots) > counts.get(c, 0):
+        raise UpstreamError(
+            f"shard: kshot={max(shots)} but class {plan.class_names[c]!r} has only "
+            f"{counts.get(c, 0)} images"
+        )
+
+
+class _HashJob:
+    """Image hashes for de-duplication, computed by the worker processes."""
+
+    def __init__(self, sources: list[Source], refs: list[tuple[int, int]], mode: str) -> None:
+        self.sources = sources
+        self.refs = refs
+        self.mode = mode
+
+    def encode_span(self, span: tuple[int, int]) -> list[int | None]:
+        from upstream.data.dedup import content_hash, phash
+
+        hash_of = content_hash if self.mode == "exact" else phash
+        out: list[int | None] = []
+        for s, i in self.refs[span[0] : span[1]]:
+            try:
+                img = self.sources[s].image(i)
+                img.load()
+            except DECODE_ERRORS:
+                out.append(None)
+                continue
+            out.append(hash_of(img))
+        return out
+
+
+def compute_hashes(
+    sources: list[Source], refs: list[tuple[int, int]], mode: str, workers: int
+) -> list[int | None]:
+    """``mode`` (exact: content hash, near: pHash) of each image; None where unreadable."""
+    job = _HashJob(sources, list(refs), mode)
+    pool = make_pool(job, workers)
+    out: list[int | None] = []
+    try:
+        tasks = spans(0, len(refs), chunk_size(len(refs), workers))
+        with (
+            tqdm(total=len(refs), desc=f"hash ({mode})", unit="img") as bar,
+            ordered_results(pool, job, tasks, window=4 * workers) as results,
+        ):
+            for batch in results:
+                out.extend(batch)
+                bar.update(len(batch))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return out
 
 
 def _stale_files(output: str) -> list[str]:
@@ -324,103 +537,236 @@ def _relative(base: str, uri: str) -> str:
     return Path(uri).relative_to(Path(base)).as_posix()
 
 
-def _caption_template(config: ShardConfig, source: Source) -> str:
-    if config.caption_template == DEFAULT_CAPTION and source.caption_template:
-        return source.caption_template
-    return config.caption_template
+# --- resuming -------------------------------------------------------------------------------
 
 
-def encode_image(img: Any, image_format: str) -> bytes:
-    buf = io.BytesIO()
-    if image_format == "png":
-        img.save(buf, format="PNG")
-    else:
-        img.save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
+def _resume_point(config: ShardConfig, fingerprint: str, digest: str) -> list[dict[str, Any]]:
+    """The shards an interrupted run of this config finished and that are still there."""
+    uri = storage.join(config.output, PROGRESS)
+    if not storage.exists(uri):
+        return []
+    try:
+        progress = storage.read_json(uri)
+    except ValueError:
+        return []
+    if not (
+        isinstance(progress, dict)
+        and progress.get("format") == FORMAT_VERSION
+        and progress.get("fingerprint") == fingerprint
+        and progress.get("plan") == digest
+    ):
+        return []
+    done: list[dict[str, Any]] = []
+    for entry in progress.get("shards", []):
+        if storage.size(storage.join(config.output, entry["name"])) != entry["size"]:
+            break
+        done.append(entry)
+    return done
+
+
+class _Progress:
+    """``.progress.json``: the shards uploaded so far, rewritten after each one."""
+
+    def __init__(
+        self, output: str, fingerprint: str, digest: str, done: list[dict[str, Any]]
+    ) -> None:
+        self.uri = storage.join(output, PROGRESS)
+        self.head = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "plan": digest}
+        self.done = list(done)
+
+    def uploaded(self, shard: FinishedShard, size: int, sha256: str) -> None:
+        self.done.append(
+            {
+                "name": shard.name,
+                "num_samples": shard.num_samples,
+                "size": size,
+                "sha256": sha256,
+                "next_position": shard.next_position,
+                "keys": shard.keys,
+                "skipped": shard.skipped,
+            }
+        )
+        storage.write_json(self.uri, {**self.head, "shards": self.done})
+
+
+# --- writing --------------------------------------------------------------------------------
 
 
 def _write(
-    config: ShardConfig, spec: SourceSpec, source: Source, fingerprint: str
-) -> tuple[dict[str, Any], list[Any]]:
-    import webdataset as wds
+    config: ShardConfig,
+    prepared: Prepared,
+    fingerprint: str,
+    stale: list[str],
+    pool: Any,
+    workers: int,
+) -> dict[str, Any]:
+    import mlflow
 
-    n = len(source)
-    # Shuffled before sharding so that classes mix within every shard.
-    order = np.random.default_rng(seed_words("shard-order", config.seed)).permutation(n)
-    width = max(6, len(str(n - 1)))
-    template = _caption_template(config, source)
-    num_shards = math.ceil(n / config.shard_size)
-    class_counts = dict.fromkeys(source.class_names, 0)
-    shards: list[dict[str, Any]] = []
-    examples: list[Any] = []
-    progress = tqdm(total=n, desc=f"shard {spec} ({config.split})", unit="img")
-    with tempfile.TemporaryDirectory(prefix="upstream-shard-") as tmp:
-        for s in range(num_shards):
-            name = f"shard-{s:06d}.tar"
-            path = Path(tmp, name)
-            chunk = range(s * config.shard_size, min(n, (s + 1) * config.shard_size))
-            with open(path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as writer:
-                for position in chunk:
-                    img, label, meta = source.sample(int(order[position]))
-                    img = fit(img, config.image_size)
-                    img, used = corrupt(
-                        img, config.corruption, config.severity, config.seed, meta["index"]
-                    )
-                    meta.update(corruption=used, severity=config.severity if used != "none" else 0)
-                    name_of_class = source.class_names[label]
-                    writer.write(
-                        {
-                            "__key__": f"{position:0{width}d}",
-                            config.image_format: encode_image(img, config.image_format),
-                            "cls": str(label).encode(),
-                            "txt": template.replace("{label}", name_of_class).encode(),
-                            "json": json.dumps(meta, sort_keys=True).encode(),
-                        }
-                    )
-                    class_counts[name_of_class] += 1
-                    if len(examples) < 32:
-                        examples.append(img)
-                    progress.update()
-            data = path.read_bytes()
-            shards.append(
-                {
-                    "name": name,
-                    "num_samples": len(chunk),
-                    "size": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-            )
-            storage.upload_file(path, storage.join(config.output, name))
-            path.unlink()
-    progress.close()
-    manifest = {
+    done = _resume_point(config, fingerprint, prepared.digest)
+    _clear(config.output, stale, done)
+    start = done[-1]["next_position"] if done else 0
+    n = len(prepared.job.sequence)
+    if done:
+        log.info(
+            "continuing %s after %d finished shard(s) (%d of %d images done)",
+            config.output, len(done), start, n,
+        )
+    progress = _Progress(config.output, fingerprint, prepared.digest, done)
+    names = [str(spec) for spec in prepared.specs]
+    with tqdm(
+        total=n, initial=start, desc=f"shard {config.source} ({config.split})", unit="img"
+    ) as bar:
+        result = ShardWriting(
+            prepared.job,
+            pool,
+            workers=workers,
+            start=start,
+            layout={
+                "first_shard": len(done),
+                "first_key": sum(e["num_samples"] for e in done),
+                "key_width": prepared.key_width,
+                "per_shard": prepared.per_shard,
+                "max_bytes": config.shard_bytes,
+            },
+            uploader=Uploader(config.output, progress.uploaded),
+            on_bad_image=config.on_bad_image,
+            describe=names.__getitem__,
+            progress=bar,
+        ).run()
+    shards = progress.done
+    if not shards:
+        raise UpstreamError(f"shard: every image of {config.source} was unreadable")
+    skipped = [
+        *(
+            {"source": names[s], "index": i, "reason": "unreadable (while de-duplicating)"}
+            for s, i in prepared.unreadable
+        ),
+        *(item for e in shards for item in e["skipped"]),
+        *result.trailing_skipped,
+    ]
+    # The labels in key order: every planned position but the skipped ones.
+    gone = {item["position"] for item in skipped if "position" in item}
+    labels = [label for p, (_, _, label) in enumerate(prepared.job.sequence) if p not in gone]
+    kshot = _kshot_lists(config, labels, prepared.plan.class_names)
+    manifest = _manifest(config, prepared, fingerprint, shards, skipped, labels, list(kshot))
+    storage.write_json(
+        storage.join(config.output, SIZES), {e["name"]: e["num_samples"] for e in shards}
+    )
+    for name, content in kshot.items():
+        storage.write_json(storage.join(config.output, name), content)
+    storage.write_json(storage.join(config.output, MANIFEST), manifest)
+    storage.remove_file(progress.uri)  # the manifest says it all now
+    mlflow.log_metrics(
+        {
+            "num_samples": manifest["num_samples"],
+            "num_classes": manifest["num_classes"],
+            "skipped": manifest["skipped"]["count"],
+            "resumed_shards": len(done),
+            "images_per_s": result.encoded / result.seconds if result.seconds else 0.0,
+        }
+    )
+    mlflow.log_dict(manifest, MANIFEST)
+    if result.examples:
+        mlflow.log_image(example_grid(_decode(result.examples)), "examples.png")
+    return manifest
+
+
+def _clear(output: str, stale: list[str], done: list[dict[str, Any]]) -> None:
+    """Remove what an earlier attempt left, but the shards a continuation keeps."""
+    keep = {storage.join(output, e["name"]) for e in done}
+    if done:
+        keep.add(storage.join(output, PROGRESS))
+    manifest_uri = storage.join(output, MANIFEST)
+    # The marker goes first, so that a reader never pairs it with half-deleted shards.
+    storage.remove_file(manifest_uri)
+    for uri in stale:
+        if uri not in keep and uri != manifest_uri:
+            storage.remove_file(uri)
+
+
+def _kshot_lists(
+    config: ShardConfig, labels: list[int], class_names: list[str]
+) -> dict[str, dict[str, Any]]:
+    shots = [int(k) for k in split_list(config.kshot)]
+    if not shots:
+        return {}
+    from upstream.loader import kshot_indices
+
+    out = {}
+    for k in shots:
+        for seed in range(config.kshot_trials):
+            try:
+                indices = kshot_indices(labels, k, seed, class_names=class_names)
+            except UpstreamError as e:  # images skipped as unreadable left a class short
+                raise UpstreamError(f"shard: {e}") from None
+            out[f"{KSHOT_DIR}/k{k}-seed{seed}.json"] = {"k": k, "seed": seed, "indices": indices}
+    return out
+
+
+def _manifest(
+    config: ShardConfig,
+    prepared: Prepared,
+    fingerprint: str,
+    shards: list[dict[str, Any]],
+    skipped: list[dict[str, Any]],
+    labels: list[int],
+    kshot: list[str],
+) -> dict[str, Any]:
+    class_names = prepared.plan.class_names
+    counts = Counter(labels)
+    templates = prepared.job.captioner.templates
+    return {
         "format": FORMAT_VERSION,
         "uri": config.output,
         "source": config.source,
         "split": config.split,
-        "num_samples": n,
-        "num_classes": len(source.class_names),
-        "class_names": source.class_names,
-        "class_counts": class_counts,
-        "caption_template": template,
+        "num_samples": len(labels),
+        "num_classes": len(class_names),
+        "class_names": class_names,
+        "class_counts": {name: counts.get(c, 0) for c, name in enumerate(class_names)},
+        "labelled": bool(getattr(prepared.plan, "labelled", True)),
+        "captions": config.captions,
+        "caption_template": templates[0],
+        "caption_templates": templates,
         "image_size": config.image_size,
+        "resize": config.resize,
         "image_format": config.image_format,
-        "keys": sorted(["cls", "json", "txt", config.image_format]),
-        "shards": shards,
-        "config": config.model_dump(mode="json"),
+        "keys": sorted({"cls", "json", "txt"} | {k for e in shards for k in e["keys"]}),
+        "shards": [
+            {k: e[k] for k in ("name", "num_samples", "size", "sha256")} for e in shards
+        ],
+        "sizes": SIZES,
+        "kshot": kshot,
+        "skipped": {
+            "count": len(skipped),
+            "images": [
+                {k: item[k] for k in ("source", "index", "reason")}
+                for item in skipped[:MAX_LISTED_SKIPS]
+            ],
+        },
+        "interventions": prepared.plan.record,
+        "config": config.model_dump(mode="json", exclude={"workers"}),
         "fingerprint": fingerprint,
     }
-    return manifest, examples
 
 
-def example_grid(images: list[Any], columns: int = 8) -> Any:
-    """Up to ``len(images)`` samples tiled in one picture, each at least 64 px on a side."""
+def _decode(images: list[bytes]) -> list[Any]:
     from PIL import Image
 
-    side = max(64, images[0].width)
+    return [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+
+
+def example_grid(images: list[Any], columns: int = 8, side: int = 64) -> Any:
+    """Up to ``len(images)`` samples tiled in one picture, ``side`` px each: a preview (its
+    PNG encoding is a fixed cost of every stage call, so it stays small)."""
+    from PIL import Image
+
     rows = math.ceil(len(images) / columns)
     grid = Image.new("RGB", (columns * side, rows * side), (255, 255, 255))
     for i, img in enumerate(images):
-        tile = img.resize((side, side), Image.Resampling.NEAREST)
+        # Small images are enlarged pixel by pixel, so that they are seen as they are.
+        small = img.width <= side and img.height <= side
+        resample = Image.Resampling.NEAREST if small else Image.Resampling.BILINEAR
+        tile = img.resize((side, side), resample)
         grid.paste(tile, ((i % columns) * side, (i // columns) * side))
     return grid

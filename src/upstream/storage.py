@@ -4,6 +4,11 @@ S3 settings come from the environment, as for every AWS client: ``AWS_ENDPOINT_U
 ``AWS_ENDPOINT_URL``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``; nothing here takes
 credentials as arguments, so they never reach a config, a compiled pipeline or MLflow.
 Local writes are atomic (temporary file, then rename), so a reader never sees half an object.
+
+Every S3 request is retried by botocore (``standard`` mode, 5 attempts: throttling, 5xx and
+dropped connections); ``AWS_RETRY_MODE`` (``standard`` or ``adaptive``) and ``AWS_MAX_ATTEMPTS``
+change that, as for any AWS client. Files are uploaded in parts of :data:`MULTIPART_SIZE`
+above that size, so a failed part is retried alone and large shards need no single huge PUT.
 """
 
 from __future__ import annotations
@@ -18,6 +23,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from upstream.errors import UpstreamError
+
+#: Files above this size go to S3 in parts of this size (S3 allows 5 MiB to 5 GiB a part).
+MULTIPART_SIZE = 64 * 1024**2
+#: Parts of one file uploaded at once.
+UPLOAD_CONCURRENCY = 4
+DEFAULT_RETRY_MODE = "standard"
+DEFAULT_MAX_ATTEMPTS = 5
 
 
 def is_s3(uri: str) -> bool:
@@ -45,16 +57,29 @@ def endpoint_url() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+def retry_settings() -> dict[str, Any]:
+    """botocore's ``retries`` setting: the environment's, else standard mode, 5 attempts."""
+    mode = os.environ.get("AWS_RETRY_MODE") or DEFAULT_RETRY_MODE
+    if mode not in ("standard", "adaptive", "legacy"):
+        raise UpstreamError(f"AWS_RETRY_MODE must be standard, adaptive or legacy (got {mode!r})")
+    attempts_text = os.environ.get("AWS_MAX_ATTEMPTS") or str(DEFAULT_MAX_ATTEMPTS)
+    if not attempts_text.isdigit() or int(attempts_text) < 1:
+        raise UpstreamError(f"AWS_MAX_ATTEMPTS must be a positive integer (got {attempts_text!r})")
+    return {"mode": mode, "total_max_attempts": int(attempts_text)}
+
+
 @functools.cache
-def _client(endpoint: str | None, key_id: str | None) -> Any:
+def _client(endpoint: str | None, key_id: str | None, retries: tuple[str, int]) -> Any:
     import boto3
     from botocore.config import Config
 
     config = Config(
         connect_timeout=5,
         read_timeout=120,
-        retries={"mode": "standard", "total_max_attempts": 5},
+        retries={"mode": retries[0], "total_max_attempts": retries[1]},
         s3={"addressing_style": "path"},
+        # One connection per upload thread and part, so that parallel parts do not queue.
+        max_pool_connections=max(10, 2 * UPLOAD_CONCURRENCY),
     )
     # A session of its own: boto3's default session resolves credentials once per process,
     # so a later change of keys in the environment would be ignored.
@@ -64,8 +89,13 @@ def _client(endpoint: str | None, key_id: str | None) -> Any:
 
 
 def s3_client() -> Any:
-    """A boto3 S3 client for the current environment (cached per endpoint and key)."""
-    return _client(endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"))
+    """A boto3 S3 client for the current environment (cached per endpoint, key and retries)."""
+    retries = retry_settings()
+    return _client(
+        endpoint_url(),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        (retries["mode"], retries["total_max_attempts"]),
+    )
 
 
 def check_reachable(uri: str) -> None:
@@ -75,7 +105,7 @@ def check_reachable(uri: str) -> None:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     bucket, _ = split_s3(uri)
-    client = _client(endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"))
+    client = s3_client()
     where = endpoint_url() or "AWS S3"
     try:
         # A cheap call with no retries: the point is to fail before any compute.
@@ -148,11 +178,38 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n")
 
 
-def upload_file(local: str | Path, uri: str) -> None:
-    """Copy a local file to ``uri`` (multipart on S3 for large files)."""
+def size(uri: str) -> int | None:
+    """The size in bytes of the object or file at ``uri``; None when there is none."""
     if is_s3(uri):
+        from botocore.exceptions import ClientError
+
         bucket, key = split_s3(uri)
-        s3_client().upload_file(str(local), bucket, key)
+        try:
+            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+    path = Path(uri)
+    return path.stat().st_size if path.is_file() else None
+
+
+def upload_file(local: str | Path, uri: str, *, part_size: int = MULTIPART_SIZE) -> None:
+    """Copy a local file to ``uri``: on S3 in parts of ``part_size`` above that size, each
+    request retried by the client (see the module's notes)."""
+    if is_s3(uri):
+        from boto3.s3.transfer import TransferConfig
+
+        bucket, key = split_s3(uri)
+        transfer = TransferConfig(
+            multipart_threshold=part_size,
+            multipart_chunksize=part_size,
+            max_concurrency=UPLOAD_CONCURRENCY,
+        )
+        try:
+            s3_client().upload_file(str(local), bucket, key, Config=transfer)
+        except Exception as e:  # noqa: BLE001 - boto3 wraps transport and S3 errors alike
+            raise UpstreamError(f"upload of {local} to {uri} failed: {e}") from None
         return
     dest = Path(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
