@@ -141,7 +141,12 @@ class EncodeJob:
                 img = src.image(i)
                 img.load()
         except DECODE_ERRORS as e:
-            reason = " ".join(f"{type(e).__name__}: {e}".split())[:MAX_REASON]
+            # PIL's own messages name a BytesIO, not the image: say which file or key it was.
+            where = meta.get("file") or meta.get("key")
+            detail = str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"
+            if where and not isinstance(e, BadImage):
+                detail = f"{where}: {detail}"
+            reason = " ".join(detail.split())[:MAX_REASON]
             return Unreadable(position, s, i, reason)
         if img is not None:
             img = resize_image(img, enc.resize, enc.image_size)
