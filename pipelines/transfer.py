@@ -171,8 +171,8 @@ def stage_configs(values: dict[str, Any]) -> list[Any]:
     v = {p.name: p.default for p in PARAMS} | values
     data = {f: v[name] for f, name in SHARED_DATA.items()} | {"experiment": v["experiment"]}
     shards = [
-        ShardConfig.parse(split="train", **{f: v["pretrain_data_" + f] for f in PRETRAIN_DATA_FIELDS},
-                          **data),
+        ShardConfig.parse(split="train",
+                          **{f: v["pretrain_data_" + f] for f in PRETRAIN_DATA_FIELDS}, **data),
         ShardConfig.parse(source=v["downstream_source"], split="train",
                           kshot=v["downstream_kshot"], kshot_trials=v["downstream_kshot_trials"],
                           **data),

@@ -66,6 +66,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     manifests = {}
     for which, uri in sets.items():
         manifests[which] = manifest = loader.read_manifest(uri)
+        if manifest.get("labelled") is False:
+            raise UpstreamError(f"evaluate: {uri} has no labels to evaluate against")
         theirs = [str(c) for c in manifest.get("class_names", [])]
         if theirs != class_names:
             raise UpstreamError(

@@ -181,6 +181,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     output = training.output_location(config, config.output)
     storage.check_reachable(output)
     manifest = loader.read_manifest(config.data)
+    if manifest.get("labelled") is False:
+        raise UpstreamError(f"finetune: {config.data} has no labels (shard it from labelled data)")
     class_names = [str(c) for c in manifest.get("class_names", [])]
     if len(class_names) < 2:
         raise UpstreamError(f"finetune: {config.data} has {len(class_names)} classes; need ≥ 2")

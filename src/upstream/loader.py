@@ -44,7 +44,6 @@ Decisions the issue leaves open:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -62,6 +61,7 @@ from PIL import Image
 
 from upstream import storage
 from upstream.errors import UpstreamError
+from upstream.tarread import Blocks, TarError, TarMembers, split_name
 
 log = logging.getLogger(__name__)
 
@@ -128,151 +128,6 @@ def shard_urls(uri: str, manifest: dict[str, Any] | None = None) -> list[str]:
 # --- one shard ---------------------------------------------------------------------------------
 
 
-class _TarError(Exception):
-    """The tar stream is damaged; the message says how (the caller names shard and sample)."""
-
-
-_BLOCK = 512
-#: Bytes asked of the stream at a time: few calls into boto3/urllib3 per shard.
-_CHUNK = 1 << 20
-_ZERO_BLOCK = bytes(_BLOCK)
-
-
-class _Blocks:
-    """Exact-size reads over a stream that is read in large chunks and hashed as it goes.
-
-    The current chunk is held as a memoryview, so that taking a member copies its bytes once
-    and the rest of the chunk not at all.
-    """
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.view = memoryview(b"")
-        self.pos = 0
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def _read(self, n: int) -> bytes:
-        data = self.raw.read(n)
-        self.sha256.update(data)
-        self.size += len(data)
-        return data
-
-    def take(self, n: int) -> bytes:
-        """``n`` bytes, or fewer at the end of the stream."""
-        end = self.pos + n
-        if end <= len(self.view):
-            self.pos = end
-            return bytes(self.view[end - n : end])
-        parts = [bytes(self.view[self.pos :])]
-        have = len(parts[0])
-        self.view, self.pos = memoryview(b""), 0
-        while have < n:
-            data = self._read(max(_CHUNK, n - have))
-            if not data:
-                break
-            if have + len(data) > n:  # keep what this member does not need for the next
-                self.view, self.pos = memoryview(data), n - have
-                data = data[: n - have]
-            parts.append(data)
-            have += len(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def rest_is_zeros(self) -> bool:
-        rest = self.view[self.pos :]
-        if bytes(rest).count(0) != len(rest):
-            return False
-        self.view, self.pos = memoryview(b""), 0
-        while data := self._read(_CHUNK):
-            if data.count(0) != len(data):
-                return False
-        return True
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256, for sizes beyond 8 GiB
-        return int.from_bytes(field[1:], "big")
-    return int(field.strip(b" \0") or b"0", 8)
-
-
-def _pax_path(data: bytes) -> str | None:
-    """The ``path`` record of a pax extended header (``"LEN key=value\\n"`` records)."""
-    pos = 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8", "surrogateescape")
-        pos += length
-    return None
-
-
-class _TarMembers:
-    """The regular files of a tar stream in order, as ``(name, data)``.
-
-    A small reader of its own rather than :mod:`tarfile`: several times less CPU per member
-    (it matters next to decoding small images), and a damaged archive is always an error,
-    where ``tarfile`` stops quietly at a header it cannot parse. Reads ustar, GNU long names
-    and pax ``path`` records (what Python's tarfile, hence webdataset, writes).
-    """
-
-    def __init__(self, blocks: _Blocks) -> None:
-        self.blocks = blocks
-        #: The member being read, for error messages.
-        self.member: str | None = None
-
-    def __iter__(self) -> Iterator[tuple[str, bytes]]:
-        take = self.blocks.take
-        next_name: str | None = None  # from a GNU long-name or pax header before the member
-        while True:
-            self.member = None
-            header = take(_BLOCK)
-            if not header:
-                return  # no end-of-archive blocks: tolerated, as tarfile does
-            if len(header) < _BLOCK:
-                raise _TarError("it ends inside a tar header")
-            if header == _ZERO_BLOCK:
-                if not self.blocks.rest_is_zeros():
-                    raise _TarError("data follows its end-of-archive marker (a corrupt header?)")
-                return
-            try:
-                stored = _octal(header[148:156])
-                size = _octal(header[124:136])
-            except ValueError:
-                raise _TarError("an unreadable tar header") from None
-            # The sum of the header's bytes with the checksum field as spaces; some old tars
-            # summed signed chars, and tarfile accepts both, so this reader does too.
-            if stored != sum(header) - sum(header[148:156]) + 8 * 32 and stored != sum(
-                b - 256 if b >= 128 else b for b in header[:148] + b" " * 8 + header[156:]
-            ):
-                raise _TarError("a tar header with a wrong checksum")
-            name = next_name
-            if name is None:
-                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                if header[257:262] == b"ustar" and header[345] != 0:
-                    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    name = f"{prefix}/{name}"
-            next_name = None
-            self.member = name
-            data = take(size)
-            padding = -size % _BLOCK
-            if len(data) < size or len(take(padding)) < padding:
-                raise _TarError("it ends inside a member")
-            kind = header[156:157]
-            if kind == b"L":
-                next_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            elif kind == b"x":
-                try:
-                    next_name = _pax_path(data)
-                except ValueError:
-                    raise _TarError("an unreadable pax header") from None
-            elif kind in (b"0", b"\0", b"7"):
-                yield name, data
-
-
 def _open_shard(url: str) -> IO[bytes]:
     try:
         return storage.open_read(url)
@@ -283,15 +138,6 @@ def _open_shard(url: str) -> IO[bytes]:
         if code in ("404", "NoSuchKey", "NotFound"):
             raise UpstreamError(f"shard {url} is missing (listed in the manifest)") from None
         raise UpstreamError(f"cannot open shard {url}: {e}") from None
-
-
-def _split_name(name: str) -> tuple[str, str] | None:
-    """A member name → (sample key, extension), as webdataset's ``base_plus_ext`` splits it."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem:
-        return None
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
 def _has_image(sample: Sample) -> bool:
@@ -309,8 +155,8 @@ def read_shard(url: str, expected: dict[str, Any] | None = None) -> Iterator[Sam
     """
     expected = expected or {}
     raw = _open_shard(url)
-    blocks = _Blocks(raw)
-    members = _TarMembers(blocks)
+    blocks = Blocks(raw)
+    members = TarMembers(blocks)
     last: str | None = None  # the last complete sample
     count = 0
 
@@ -322,7 +168,7 @@ def read_shard(url: str, expected: dict[str, Any] | None = None) -> Iterator[Sam
         try:
             current: Sample | None = None
             for name, data in members:
-                split = _split_name(name)
+                split = split_name(name)
                 if split is None or split[0].rpartition("/")[2].startswith("__"):
                     continue
                 key, ext = split
@@ -335,14 +181,14 @@ def read_shard(url: str, expected: dict[str, Any] | None = None) -> Iterator[Sam
                 if current is None:
                     current = {"__key__": key, "__url__": url}
                 if ext in current:
-                    raise _TarError(f"member {name} appears twice")
+                    raise TarError(f"member {name} appears twice")
                 current[ext] = data
             if current is not None and _has_image(current):
                 count += 1
                 yield current
             if current is not None:
                 last = current["__key__"]
-        except _TarError as e:
+        except TarError as e:
             raise UpstreamError(f"shard {url} is corrupt or truncated ({where()}): {e}") from None
         except UpstreamError:
             raise

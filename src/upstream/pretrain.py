@@ -1,5 +1,5 @@
 """Pre-training stage: ``supervised`` (cross-entropy) or ``clip`` (open_clip's ClipLoss) on an
-open_clip image tower, streaming shards through webdataset; writes a checkpoint and an MLflow
+open_clip image tower, streaming shards through upstream's loader; writes a checkpoint and an MLflow
 run (params, loss and throughput per step, the model)."""
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     class_names = [str(c) for c in manifest.get("class_names", [])]
     if num_samples < 2:
         raise UpstreamError(f"pretrain: {config.data} holds {num_samples} samples; need ≥ 2")
+    if config.method == "supervised" and manifest.get("labelled") is False:
+        raise UpstreamError(f"pretrain: supervised needs labels; {config.data} has none")
     if config.method == "supervised" and len(class_names) < 2:
         raise UpstreamError(
             f"pretrain: supervised needs ≥ 2 classes; {config.data} has {len(class_names)}"
@@ -99,21 +101,20 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         )
     checkpoint_uri = storage.join(output, models.CHECKPOINT_FILE)
 
-    def epoch_batches(epoch: int) -> Any:
-        return loader.stream(
-            config.data,
-            batch_size=config.batch_size,
-            shuffle_seed=config.seed,
-            epoch=epoch,
-            transform=None,
-            with_captions=config.method == "clip",
-            num_workers=config.num_workers,
-            # Every step sees a full batch: a short last batch gives CLIP fewer negatives
-            # (a lower, incomparable loss) and the schedule a step of a different size.
-            drop_last=True,
-        )
-
-    total_steps = len(epoch_batches(0)) * config.epochs
+    # One stream for the whole run: its data workers and batch buffers live across epochs.
+    stream = loader.Stream(
+        config.data,
+        batch_size=config.batch_size,
+        shuffle_seed=config.seed,
+        epoch=0,
+        transform=None,
+        with_captions=config.method == "clip",
+        num_workers=config.num_workers,
+        # Every step sees a full batch: a short last batch gives CLIP fewer negatives
+        # (a lower, incomparable loss) and the schedule a step of a different size.
+        drop_last=True,
+    )
+    total_steps = len(stream) * config.epochs
     data_fingerprint = training.manifest_fingerprint(manifest)
 
     training.seed_everything(config.seed)
@@ -164,7 +165,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         bar = tqdm(total=total_steps, desc=f"pretrain {config.method}", unit="step",
                    mininterval=1.0)
         for epoch in range(config.epochs):
-            batches = epoch_batches(epoch)
+            stream.set_epoch(epoch)
+            batches = stream
             t_batch = time.perf_counter()
             for images, labels, captions in batches:
                 images = torch.as_tensor(images, dtype=torch.float32).to(dev, non_blocking=True)
@@ -194,6 +196,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{value:.3f}", refresh=False)
                 step += 1
         bar.close()
+        stream.close()
         metrics.flush()
         if step == 0:
             raise UpstreamError(f"pretrain: no batches came from {config.data}")
