@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def _check_values(name: str, values: dict[str, Any]) -> list[Any]:
-    from upstream.data import check_source, open_source, parse_source
+    from upstream.data import check_source, open_source
+    from upstream.data.sources import parse_sources
     from upstream.pipelines.registry import stage_configs
     from upstream.shard import ShardConfig
 
@@ -32,13 +33,14 @@ def _check_values(name: str, values: dict[str, Any]) -> list[Any]:
     for config in configs:
         if not isinstance(config, ShardConfig):
             continue
-        spec = parse_source(config.source)
-        if spec.kind == "torchvision":  # opening it would download it
+        for spec in parse_sources(config.source):
             check_source(spec)
-        else:  # cheap: checks folders and class counts, makes no image
-            open_source(spec, config.split, num_classes=config.num_classes,
-                        samples_per_class=config.samples_per_class,
-                        image_size=config.image_size, seed=config.seed)
+            # Opening these is cheap (folders, tables, class counts; no image made); others
+            # would download (torchvision) or copy shards (wds): the shard step checks them.
+            if spec.kind in ("digits", "fractals", "shapes", "imagefolder", "captions"):
+                open_source(spec, config.split, num_classes=config.num_classes,
+                            samples_per_class=config.samples_per_class,
+                            image_size=config.image_size, seed=config.seed)
     return configs
 
 
