@@ -24,23 +24,24 @@ log = logging.getLogger(__name__)
 
 
 def _check_values(name: str, values: dict[str, Any]) -> list[Any]:
-    from upstream.data import check_source, open_source
+    from upstream.data import check_source
     from upstream.data.sources import parse_sources
     from upstream.pipelines.registry import stage_configs
-    from upstream.shard import ShardConfig
+    from upstream.shard import ShardConfig, check_without_images
 
+    #: Sources that open cheaply (folders, tables, class counts; no image made); the others
+    #: would download (torchvision) or copy shards (wds), so their shard step checks them.
+    cheap = {"digits", "fractals", "shapes", "imagefolder", "captions"}
     configs = stage_configs(name, values)
     for config in configs:
         if not isinstance(config, ShardConfig):
             continue
-        for spec in parse_sources(config.source):
-            check_source(spec)
-            # Opening these is cheap (folders, tables, class counts; no image made); others
-            # would download (torchvision) or copy shards (wds): the shard step checks them.
-            if spec.kind in ("digits", "fractals", "shapes", "imagefolder", "captions"):
-                open_source(spec, config.split, num_classes=config.num_classes,
-                            samples_per_class=config.samples_per_class,
-                            image_size=config.image_size, seed=config.seed)
+        specs = parse_sources(config.source)
+        if all(spec.kind in cheap for spec in specs):
+            check_without_images(config)
+        else:
+            for spec in specs:
+                check_source(spec)
     return configs
 
 

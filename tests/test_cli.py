@@ -118,6 +118,19 @@ def test_run_rejects_bad_parameter_before_starting_services(isolated: dict[str, 
     assert not (Path(isolated["UPSTREAM_HOME"]) / "services").exists()
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--pretrain-data-num-samples", "5000"], "only 2000 images"),
+    (["--pretrain-data-classes", "fractal-99"], "fractal-99"),
+    (["--downstream-kshot", "500"], "kshot=500"),
+])
+def test_run_checks_the_data_plan_before_starting_services(
+    isolated: dict[str, str], args: list[str], needle: str
+) -> None:
+    result = upstream("run", "transfer", "--local", *args, env=isolated)
+    one_line_error(result, needle)
+    assert not (Path(isolated["UPSTREAM_HOME"]) / "services").exists()
+
+
 def test_batch_larger_than_the_data(isolated: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "shards"
     assert upstream("shard", "--source", "shapes", "--samples-per-class", "2", "--output",

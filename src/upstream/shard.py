@@ -444,6 +444,27 @@ def prepare(config: ShardConfig, specs: list[SourceSpec]) -> Prepared:
     )
 
 
+def check_without_images(config: ShardConfig) -> None:
+    """The checks of :func:`shard` that read no image: sources, interventions, k-shot sizes.
+
+    For callers that validate before starting anything (``upstream run``). De-duplication is
+    left out, since it decodes every image: sizes are checked as if it removed nothing.
+    """
+    import dataclasses
+
+    from upstream.data import interventions
+
+    specs = parse_sources(config.source)
+    for spec in specs:
+        check_source(spec)
+    sources = open_sources(config, specs)
+    names = [str(spec) for spec in specs]
+    captioner = Captioner(config.captions, config.caption_template, sources, names, config.seed)
+    iv = dataclasses.replace(Interventions.from_config(config), dedup="none")
+    plan = interventions.plan(sources, iv, caption_of=captioner.caption)
+    _check_kshot(config, plan, plan.items)
+
+
 def per_shard(n: int, shard_size: int, min_shards: int) -> int:
     """Samples per shard: ``shard_size`` at most, and few enough for ``min_shards`` shards
     (the largest such count; 1 when there are fewer samples than ``min_shards``)."""
