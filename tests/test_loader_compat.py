@@ -168,3 +168,29 @@ def test_unpatch_restores_open_clip(unpatched: None) -> None:
     assert data.tarfile_to_samples_nothrow is openclip_compat.tarfile_to_samples_nothrow
     openclip_compat.unpatch_open_clip()
     assert data.tarfile_to_samples_nothrow is original
+
+
+def test_open_clip_trainer_trains_on_upstream_shards(tmp_path: Path) -> None:
+    """open_clip's own training script, end to end, on shards the shard stage wrote."""
+    import os
+    import subprocess
+    import sys
+
+    from upstream.shard import ShardConfig, shard
+
+    out = tmp_path / "shards"
+    shard(ShardConfig.parse(source="shapes", samples_per_class=16, image_format="jpg",
+                            min_shards=2, output=str(out)))
+    result = subprocess.run(
+        [sys.executable, "-m", "upstream.openclip_compat",
+         "--train-data", f"{out}/shard-{{000000..000001}}.tar", "--dataset-type", "webdataset",
+         "--model", "upstream-tiny-rn", "--epochs", "1", "--batch-size", "16", "--workers", "0",
+         "--device", "cpu", "--logs", str(tmp_path / "logs"), "--report-to", ""],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = next((tmp_path / "logs").glob("*/out.log")).read_text()
+    # 8 shapes × 16 samples, counted from sizes.json, all seen in the one epoch
+    assert "[128/128 (100%)]" in log, log[-2000:]
+    assert list((tmp_path / "logs").glob("*/checkpoints/epoch_1.pt"))

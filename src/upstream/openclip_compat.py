@@ -55,3 +55,21 @@ def unpatch_open_clip() -> None:
     if original is not None:
         data.tarfile_to_samples_nothrow = original
         delattr(data, _ORIGINAL)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m upstream.openclip_compat ARGS``: open_clip's trainer
+    (``python -m open_clip_train.main ARGS``) with the patch applied, e.g. on upstream's shards:
+    ``--train-data 'dir/shard-{000000..000031}.tar' --dataset-type webdataset``."""
+    import sys
+
+    from open_clip_train.main import main as train
+
+    import upstream.models  # noqa: F401 - registers upstream's tiny model configs with open_clip
+
+    patch_open_clip()
+    train(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()
