@@ -382,24 +382,28 @@ def open_sources(config: ShardConfig, specs: list[SourceSpec]) -> list[Source]:
     return sources
 
 
-def prepare(config: ShardConfig, specs: list[SourceSpec]) -> Prepared:
-    """Open the sources, plan the samples and check everything that needs no image."""
+def _plan(
+    config: ShardConfig, specs: list[SourceSpec], iv: Interventions, workers: int
+) -> tuple[list[Source], Captioner, Plan]:
+    """The sources opened, their captions, and the plan of ``iv`` over them."""
     from upstream.data import interventions
 
     sources = open_sources(config, specs)
     names = [str(spec) for spec in specs]
     captioner = Captioner(config.captions, config.caption_template, sources, names, config.seed)
-    workers = config.workers or os.cpu_count() or 1
 
     def hashes_of(refs: list[tuple[int, int]], mode: str) -> list[int | None]:
         return compute_hashes(sources, refs, mode, workers)
 
-    plan = interventions.plan(
-        sources,
-        Interventions.from_config(config),
-        caption_of=captioner.caption,
-        hashes_of=hashes_of,
-    )
+    plan = interventions.plan(sources, iv, caption_of=captioner.caption, hashes_of=hashes_of)
+    return sources, captioner, plan
+
+
+def prepare(config: ShardConfig, specs: list[SourceSpec]) -> Prepared:
+    """Open the sources, plan the samples and check everything that needs no image."""
+    workers = config.workers or os.cpu_count() or 1
+    sources, captioner, plan = _plan(config, specs, Interventions.from_config(config), workers)
+    names = [str(spec) for spec in specs]
     unreadable = [(int(s), int(i)) for s, i in plan.unreadable]
     if unreadable and config.on_bad_image == "fail":
         s, i = unreadable[0]
@@ -452,16 +456,11 @@ def check_without_images(config: ShardConfig) -> None:
     """
     import dataclasses
 
-    from upstream.data import interventions
-
     specs = parse_sources(config.source)
     for spec in specs:
         check_source(spec)
-    sources = open_sources(config, specs)
-    names = [str(spec) for spec in specs]
-    captioner = Captioner(config.captions, config.caption_template, sources, names, config.seed)
     iv = dataclasses.replace(Interventions.from_config(config), dedup="none")
-    plan = interventions.plan(sources, iv, caption_of=captioner.caption)
+    _, _, plan = _plan(config, specs, iv, workers=1)
     _check_kshot(config, plan, plan.items)
 
 
