@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,21 @@ def test_tar_writer_matches_webdataset() -> None:
             mine.write(sample)
     assert ours.getvalue() == theirs.getvalue()
     assert len(ours.getvalue()) % tars.RECORD == 0
+
+
+def test_sample_templates_patch_to_the_same_bytes() -> None:
+    """Workers make a sample's members under a placeholder key; the writer patches the key
+    in: the same bytes as encoding the sample under that key (headers, checksums, padding)."""
+    rng = np.random.default_rng(1)
+    for n in [0, 1, 511, 512, 513, 5000]:
+        members = {"jpg": rng.bytes(n), "cls": b"7", "txt": b"a photo", "json": b"{}"}
+        template = tars.sample_template(6, members)
+        assert template is not None and len(template.headers) == 4
+        for key in ["000000", "000009", "123456", "999999"]:
+            assert tars.with_key(template, key) == tars.encode_sample({"__key__": key, **members})
+    with pytest.raises(ValueError, match="is not 6 digits"):
+        tars.with_key(template, "1234567")
+    assert tars.sample_template(6, {"\u00e9": b"x"}) is None  # not plain ustar: the writer's job
 
 
 def test_workers_do_not_change_a_byte(tmp_path: Path) -> None:
@@ -618,16 +634,18 @@ def test_multipart_upload(tmp_path: Path, moto_s3: str) -> None:
 
 
 class _Flaky(http.server.BaseHTTPRequestHandler):
-    """A proxy to the S3 server that answers the first ``failures`` PUTs with 503 SlowDown."""
+    """A proxy to the S3 server that answers the first ``failures`` requests of ``method``
+    with 503 SlowDown."""
 
     protocol_version = "HTTP/1.1"  # answers boto3's "Expect: 100-continue" at once
     target = ""
+    method = "PUT"
     failures = 0
     seen: list[int] = []
 
     def _forward(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.command == "PUT" and type(self).failures > 0:
+        if self.command == type(self).method and type(self).failures > 0:
             type(self).failures -= 1
             type(self).seen.append(503)
             reply = b"<Error><Code>SlowDown</Code><Message>slow down</Message></Error>"
@@ -667,13 +685,45 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_uploads_are_retried(tmp_path: Path, moto_s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    _Flaky.target = os.environ["AWS_ENDPOINT_URL_S3"]
+@contextlib.contextmanager
+def _flaky_proxy(method: str) -> Iterator[str]:
+    _Flaky.target, _Flaky.method = os.environ["AWS_ENDPOINT_URL_S3"], method
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    proxy = f"http://127.0.0.1:{server.server_port}"
     try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_streamed_reads_are_retried(moto_s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``open_read`` (a presigned GET, not boto3's) retries 5xx as boto3 would, tells a missing
+    object from a refusal, and streams the bytes unchanged."""
+    data = bytes(range(256)) * 4000
+    uri = f"s3://{moto_s3}/stream.tar"
+    storage.write_bytes(uri, data)
+    with _flaky_proxy("GET") as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy)
+        _Flaky.failures, _Flaky.seen = 2, []
+        body = storage.open_read(uri)
+        parts = []
+        while chunk := body.read(100_000):
+            parts.append(chunk)
+        body.close()
+        assert b"".join(parts) == data and _Flaky.seen == [503, 503, 200]
+        with pytest.raises(FileNotFoundError, match="missing.tar does not exist"):
+            storage.open_read(f"s3://{moto_s3}/missing.tar")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        _Flaky.failures, _Flaky.seen = 1, []
+        with pytest.raises(OSError, match="HTTP 503 SlowDown"):
+            storage.open_read(uri)
+        assert _Flaky.seen == [503]
+
+
+def test_uploads_are_retried(tmp_path: Path, moto_s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with _flaky_proxy("PUT") as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy)
         path = tmp_path / "shard.tar"
         path.write_bytes(b"x" * 1000)
@@ -688,6 +738,3 @@ def test_uploads_are_retried(tmp_path: Path, moto_s3: str, monkeypatch: pytest.M
         with pytest.raises(UpstreamError, match=r"upload of .*shard\.tar to s3://.*/b\.tar failed"):
             storage.upload_file(path, f"s3://{moto_s3}/b.tar")
         assert _Flaky.seen == [503]
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -428,6 +428,7 @@ def _weed_command(weed: Path, sdir: Path, ports: dict[str, int]) -> list[str]:
         "-admin.ui=false",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
+        "-s3.cacheCapacityMB=256",
         f"-bucket={DATA_BUCKET},{MLFLOW_BUCKET}",
     ]
     # Every port explicit: `weed mini` also reads the ports of the previous run from

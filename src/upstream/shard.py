@@ -432,7 +432,10 @@ def prepare(config: ShardConfig, specs: list[SourceSpec]) -> Prepared:
         severity=config.severity,
         seed=config.seed,
     )
-    job = EncodeJob(sources, sequence, plan.class_names, captioner, encoding, len(sources) > 1)
+    key_width = max(6, len(str(n - 1)))
+    job = EncodeJob(
+        sources, sequence, plan.class_names, captioner, encoding, len(sources) > 1, key_width
+    )
     digest = hashlib.sha256(
         np.asarray(sequence, dtype=np.int64).tobytes() + json.dumps(plan.class_names).encode()
     ).hexdigest()[:16]
@@ -442,7 +445,7 @@ def prepare(config: ShardConfig, specs: list[SourceSpec]) -> Prepared:
         plan,
         job,
         per_shard(n, config.shard_size, config.min_shards),
-        max(6, len(str(n - 1))),
+        key_width,
         unreadable,
         digest,
     )

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
+from upstream import tars
 from upstream.captioning import Captioner
 from upstream.data import Source, corrupt, fit
 from upstream.data.base import BadImage
@@ -97,6 +98,30 @@ class Encoded(NamedTuple):
     image: bytes
     txt: bytes
     json: bytes
+    #: the sample's tar members with a placeholder key, when the job has a ``key_width``
+    #: (then ``image``, ``txt`` and ``json`` are empty: the bytes travel once, in here)
+    template: tars.SampleTemplate | None = None
+
+    def members(self, key: str) -> bytes:
+        """The sample's members in the tar under ``key``."""
+        if self.template is not None:
+            return tars.with_key(self.template, key)
+        return tars.encode_sample(
+            {"__key__": key, self.image_key: self.image, "cls": str(self.label).encode(),
+             "txt": self.txt, "json": self.json}
+        )
+
+    def image_bytes(self) -> bytes:
+        if self.template is None:
+            return self.image
+        # The image is the first member with that extension; its data follows its header.
+        for offset, _ in self.template.headers:
+            head = self.template.data[offset : offset + tars.BLOCK]
+            if head.split(b"\0", 1)[0].endswith(b"." + self.image_key.encode()):
+                size = int(head[124:135], 8)
+                start = offset + tars.BLOCK
+                return self.template.data[start : start + size]
+        raise AssertionError("a template without its image")
 
 
 class Unreadable(NamedTuple):
@@ -118,6 +143,9 @@ class EncodeJob:
     encoding: Encoding
     #: Add the source number to the metadata (mixtures only, so single sources keep theirs).
     mixture: bool = False
+    #: Digits of the sample keys: the workers then make the tar members themselves, with a
+    #: placeholder key that the writer patches (0: the writer makes them).
+    key_width: int = 0
 
     def encode(self, position: int) -> Encoded | Unreadable:
         s, i, label = self.sequence[position]
@@ -162,14 +190,16 @@ class EncodeJob:
         if source_class != meta["class_name"]:
             meta["source_class_name"] = source_class
         assert key is not None
-        return Encoded(
-            position,
-            label,
-            key,
-            data,
-            self.captioner.caption(s, i).encode(),
-            json.dumps(meta, sort_keys=True).encode(),
-        )
+        txt = self.captioner.caption(s, i).encode()
+        meta_json = json.dumps(meta, sort_keys=True).encode()
+        if self.key_width:
+            template = tars.sample_template(
+                self.key_width,
+                {key: data, "cls": str(label).encode(), "txt": txt, "json": meta_json},
+            )
+            if template is not None:
+                return Encoded(position, label, key, b"", b"", b"", template)
+        return Encoded(position, label, key, data, txt, meta_json)
 
     def encode_span(self, span: tuple[int, int]) -> list[Encoded | Unreadable]:
         return [self.encode(p) for p in range(*span)]

@@ -76,15 +76,7 @@ class ShardCutter:
         return self.folder / f".{self.name}.part"
 
     def add(self, sample: Encoded) -> None:
-        members = tars.encode_sample(
-            {
-                "__key__": f"{self.written:0{self.key_width}d}",
-                sample.image_key: sample.image,
-                "cls": str(sample.label).encode(),
-                "txt": sample.txt,
-                "json": sample.json,
-            }
-        )
+        members = sample.members(f"{self.written:0{self.key_width}d}")
         if (
             self._count
             and self.max_bytes
@@ -249,7 +241,7 @@ class ShardWriting:
                         continue
                     cutter.add(item)
                     if len(result.examples) < self.num_examples:
-                        result.examples.append(item.image)
+                        result.examples.append(item.image_bytes())
                 result.encoded += len(batch)
                 self.progress.update(len(batch))
         result.trailing_skipped = cutter.close()

@@ -234,11 +234,61 @@ def download_file(uri: str, local: str | Path) -> Path:
 
 
 def open_read(uri: str) -> IO[bytes]:
-    """A readable binary stream (S3 objects are streamed, not downloaded first)."""
+    """A readable binary stream (S3 objects are streamed, not downloaded first).
+
+    An S3 object is fetched with a plain HTTP GET of a presigned URL rather than boto3's
+    ``get_object``: the same request, signed by the same client, at half the CPU (boto3's
+    request pipeline costs ~1.4 ms a call here, which a loader opening a shard every ~100
+    images notices). A missing object is a :class:`FileNotFoundError`; other refusals are an
+    :class:`OSError` with the HTTP status and S3's error code. Connection failures and 5xx
+    answers are retried as boto3 would (:func:`retry_settings`' attempts).
+    """
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        url = s3_client().generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=3600
+        )
+        response = _http().request("GET", url, preload_content=False, retries=_get_retries())
+        if response.status == 200:
+            return response  # type: ignore[no-any-return]
+        body = response.read(4096)
+        response.release_conn()
+        code = _s3_error_code(body)
+        if response.status == 404 or code == "NoSuchKey":
+            raise FileNotFoundError(f"{uri} does not exist")
+        raise OSError(f"GET {uri}: HTTP {response.status} {code}".rstrip())
     return open(uri, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def _s3_error_code(body: bytes) -> str:
+    start = body.find(b"<Code>")
+    end = body.find(b"</Code>", start)
+    return body[start + 6 : end].decode("utf-8", "replace") if 0 <= start < end else ""
+
+
+_pools: dict[int, Any] = {}  # pid → urllib3.PoolManager: a forked child must not share sockets
+
+
+def _http() -> Any:
+    import urllib3
+
+    pool = _pools.get(os.getpid())
+    if pool is None:
+        _pools.clear()
+        pool = _pools[os.getpid()] = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=120)
+        )
+    return pool
+
+
+def _get_retries() -> Any:
+    import urllib3
+
+    again = retry_settings()["total_max_attempts"] - 1
+    return urllib3.Retry(
+        total=again, connect=again, read=again, status=again, redirect=0,
+        status_forcelist=(500, 502, 503, 504), backoff_factor=0.2, raise_on_status=False,
+    )
 
 
 def list_files(prefix: str) -> Iterator[str]:
