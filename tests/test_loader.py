@@ -643,3 +643,60 @@ def test_s3_truncated_and_corrupt_shards(moto_s3: str, shards: Path, damaged: Pa
             loader.load_split(uri)
         with pytest.raises(UpstreamError, match=pattern):
             collect(loader.stream(uri, batch_size=4, num_workers=2))
+
+
+# --- resuming inside an epoch ----------------------------------------------------------------
+
+
+def _random_crop() -> Any:
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomResizedCrop(12, scale=(0.3, 1.0)), T.ToTensor()])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("resampled", [False, True])
+def test_an_epoch_resumed_at_batch_k_gives_the_same_batches(
+    shards: Path, workers: int, resampled: bool
+) -> None:
+    """A run killed after k batches resumes with ``set_epoch(e, start=k)``: the batches after
+    k are the same samples, randomly transformed the same way, as in the whole epoch."""
+    kw = dict(batch_size=3, num_workers=workers, transform=_random_crop(), shuffle_seed=5,
+              resampled=resampled)
+    whole = loader.stream(str(shards), **kw)
+    whole.set_epoch(2)
+    full = [(x.clone(), y.clone()) for x, y, _ in whole]
+    assert len(full) >= 8
+    again = [(x.clone(), y.clone()) for x, y, _ in whole]  # per-batch seeds: same crops again
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full, again, strict=True))
+    for start in (1, 4, len(full) - 1):
+        resumed = loader.stream(str(shards), **kw)
+        resumed.set_epoch(2, start=start)
+        assert len(resumed) == len(full) - start
+        rest = [(x.clone(), y.clone()) for x, y, _ in resumed]
+        assert len(rest) == len(full) - start
+        for (x, y), (fx, fy) in zip(rest, full[start:], strict=True):
+            assert torch.equal(y, fy) and torch.equal(x, fx)
+
+
+def test_batch_seeds_leave_the_training_generator_alone(shards: Path) -> None:
+    """In-process reading seeds torch per batch, then gives the caller its generator back."""
+    s = loader.stream(str(shards), batch_size=3, transform=_random_crop(), shuffle_seed=5)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    for _ in s:
+        pass
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_start_outside_the_epoch_is_refused(shards: Path) -> None:
+    s = loader.stream(str(shards), batch_size=3, shuffle_seed=5)
+    with pytest.raises(UpstreamError, match="cannot start at batch 99"):
+        s.set_epoch(0, start=99)
+
+
+def test_skips_follow_the_dataloader_round_robin() -> None:
+    assert loader.skips_per_worker([3, 3], 3) == [2, 1]
+    assert loader.skips_per_worker([1, 3], 3) == [1, 2]  # worker 0 done after its one batch
+    assert loader.skips_per_worker([2, 2, 2], 0) == [0, 0, 0]

@@ -44,7 +44,9 @@ Decisions the issue leaves open:
 
 from __future__ import annotations
 
+import collections
 import io
+import itertools
 import json
 import logging
 import math
@@ -330,12 +332,27 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
 
 
-_SHARD_ORDER, _RESAMPLE, _BUFFER = 1, 2, 3  # purposes of the seeds above
+_SHARD_ORDER, _RESAMPLE, _BUFFER, _AUGMENT = 1, 2, 3, 4  # purposes of the seeds above
 
 
 def _batch_sizes(samples: int, batch_size: int, drop_last: bool) -> list[int]:
     full, rest = divmod(samples, batch_size)
     return [batch_size] * full + ([rest] if rest and not drop_last else [])
+
+
+def _delivery_order(batches: Sequence[int]) -> list[int]:
+    """The worker of each batch, in the order torch's DataLoader yields them (round robin,
+    skipping workers that have finished), for workers giving ``batches`` batches each."""
+    return _interleave([[w] * n for w, n in enumerate(batches)])
+
+
+def skips_per_worker(batches: Sequence[int], start: int) -> list[int]:
+    """How many of its batches each worker skips so that the first delivered batch is the
+    one at position ``start`` of the epoch's delivery order."""
+    skips = [0] * len(batches)
+    for w in _delivery_order(batches)[:start]:
+        skips[w] += 1
+    return skips
 
 
 def _interleave(per_worker: Sequence[Sequence[int]]) -> list[int]:
@@ -496,8 +513,9 @@ class _Reader(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         epoch = int(self.epoch_box[0])
+        skip = int(self.epoch_box[1 + worker])
         try:
-            yield from self._batches(worker, epoch, self.settings.plan(epoch))
+            yield from self._batches(worker, epoch, self.settings.plan(epoch), skip)
         except UpstreamError as e:
             yield _Failure(str(e))
 
@@ -560,8 +578,8 @@ class _Reader(torch.utils.data.IterableDataset):
         return -1, torch.empty(shape, dtype=dtype)
 
     def _batches(
-        self, worker: int, epoch: int, plan: Plan
-    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[str]]]:
+        self, worker: int, epoch: int, plan: Plan, skip: int = 0
+    ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, list[str]]]:
         st = self.settings
         quota = plan.batches[worker] if st.resampled else None
         if quota == 0:
@@ -574,7 +592,22 @@ class _Reader(torch.utils.data.IterableDataset):
         captions: list[str] = []
         done = 0
         samples = self._shuffled(self._raw_samples(worker, epoch, plan), worker, epoch)
+        # Skipped batches (a resumed epoch) are read and shuffled, not decoded: the samples
+        # after them come out as in an epoch read from its start.
+        for _ in range(skip):
+            if sum(1 for _ in itertools.islice(samples, size)) < size:
+                return
+            done += 1
+            if quota is not None and done == quota:
+                return
+        rng_saved: torch.Tensor | None = None
         for sample in samples:
+            if not labels and st.shuffle_seed is not None:
+                # Random transforms draw from torch's generator, seeded per batch: a batch is
+                # transformed the same way whether its epoch started at batch 0 or resumed
+                # later. In-process, the training's own generator is restored after it.
+                rng_saved = torch.get_rng_state()
+                torch.manual_seed(_seed(st.shuffle_seed, epoch, st.rank, worker, done, _AUGMENT))
             where = _where(sample)
             try:
                 img: Any = decode_image(_image_bytes(sample) or b"", where)
@@ -612,13 +645,18 @@ class _Reader(torch.utils.data.IterableDataset):
             labels.append(_label(sample))
             captions.append(_caption(sample) if st.with_captions else "")
             if len(labels) == size:
-                yield slot, images, torch.tensor(labels, dtype=torch.long), captions
+                if rng_saved is not None:
+                    torch.set_rng_state(rng_saved)
+                yield worker, slot, images, torch.tensor(labels, dtype=torch.long), captions
                 slot, images, labels, captions = -1, None, [], []
                 done += 1
                 if quota is not None and done == quota:
                     return
+        if rng_saved is not None:
+            torch.set_rng_state(rng_saved)
         if labels and not st.drop_last and images is not None:
-            yield slot, images[: len(labels)], torch.tensor(labels, dtype=torch.long), captions
+            yield (worker, slot, images[: len(labels)], torch.tensor(labels, dtype=torch.long),
+                   captions)
 
 
 def _planes(img: Image.Image) -> torch.Tensor:
@@ -740,7 +778,8 @@ class Stream:
             with_captions=with_captions,
         )
         self.num_workers = num_workers
-        self._epoch_box = torch.zeros(1, dtype=torch.int64)
+        # [epoch, batches to skip per worker...]: read by persistent workers at each epoch.
+        self._epoch_box = torch.zeros(1 + max(1, num_workers), dtype=torch.int64)
         self._flags: torch.Tensor | None = None
         if num_workers > 0:
             self._epoch_box.share_memory_()
@@ -773,9 +812,16 @@ class Stream:
     def world_size(self) -> int:
         return self.settings.world_size
 
-    def set_epoch(self, epoch: int) -> None:
-        """Read epoch ``epoch`` from the next iteration on (its own shard order and shuffle)."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Read epoch ``epoch`` from the next iteration on (its own shard order and shuffle),
+        from its batch ``start`` on (a resumed run): the batches after it are the ones, and
+        transformed the same way, as in the epoch read from its start."""
         plan = self.settings.plan(epoch)
+        if not 0 <= start < max(1, plan.num_batches):
+            raise UpstreamError(
+                f"{self.uri}: epoch {epoch} has {plan.num_batches} batches; cannot start at "
+                f"batch {start}"
+            )
         if plan.num_batches < 1:
             raise UpstreamError(
                 f"{self.uri} ({sum(self.settings.counts)} samples) gives no batch of "
@@ -784,8 +830,9 @@ class Stream:
         if plan.dropped:
             log.info("%s: rank %d drops %d batch(es) in epoch %d to match the other ranks",
                      self.uri, self.rank, plan.dropped, epoch)
-        self.epoch, self.plan = epoch, plan
+        self.epoch, self.plan, self.start = epoch, plan, start
         self._epoch_box[0] = epoch
+        self._epoch_box[1:] = torch.tensor(skips_per_worker(plan.batches, start)) if start else 0
 
     @property
     def num_samples(self) -> int:
@@ -793,7 +840,8 @@ class Stream:
         return self.plan.num_samples
 
     def __len__(self) -> int:
-        return self.plan.num_batches
+        """Batches the next iteration gives (the epoch's, less those before ``start``)."""
+        return self.plan.num_batches - self.start
 
     def close(self) -> None:
         """Stop the DataLoader workers (they stop with the stream otherwise)."""
@@ -834,18 +882,24 @@ class Stream:
         from torch.multiprocessing.reductions import StorageWeakRef
 
         plan = self.plan
-        for _ in range(plan.num_batches):
+        # Batches go out in the epoch's delivery order. From batch 0 that is the order the
+        # DataLoader yields them; an epoch resumed at batch k needs worker (k mod W)'s batch
+        # first, and DataLoader always starts with worker 0: later workers' batches wait here.
+        order = _delivery_order(plan.batches)[self.start : plan.num_batches]
+        waiting: dict[int, collections.deque[Any]] = collections.defaultdict(collections.deque)
+        for worker in order:
             self._release_dropped()
-            item = next(source, None)
-            if item is None:
-                raise UpstreamError(
-                    f"{self.uri}: the readers stopped before {plan.num_batches} batches "
-                    "(is the manifest out of date?)"
-                )
-            if isinstance(item, _Failure):
-                raise UpstreamError(str(item))
-            slot, images, labels, captions = item
-            del item
+            while not waiting[worker]:
+                item = next(source, None)
+                if item is None:
+                    raise UpstreamError(
+                        f"{self.uri}: the readers stopped before {plan.num_batches} batches "
+                        "(is the manifest out of date?)"
+                    )
+                if isinstance(item, _Failure):
+                    raise UpstreamError(str(item))
+                waiting[item[0]].append(item)
+            _, slot, images, labels, captions = waiting[worker].popleft()
             if slot >= 0:
                 self._held[slot] = StorageWeakRef(images.untyped_storage())
             batch = (images, labels, captions)
