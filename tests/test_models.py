@@ -61,8 +61,8 @@ def test_known_names_validate() -> None:
 
 
 def test_unknown_method_refused() -> None:
-    with pytest.raises(UpstreamError, match="simclr"):
-        models.build_pretrain_model("upstream-tiny-rn", "simclr")
+    with pytest.raises(UpstreamError, match="known: clip, simclr, supervised"):
+        models.build_pretrain_model("upstream-tiny-rn", "byol")
     with pytest.raises(UpstreamError, match="2 classes"):
         models.build_pretrain_model("upstream-tiny-rn", "supervised", num_classes=1)
 

@@ -93,9 +93,14 @@ def test_same_seed_same_checkpoint(shapes_train: str, tmp_path: Path) -> None:
     [
         ({"lr": -1.0}, "invalid lr"),
         ({"epochs": 0}, "invalid epochs"),
-        ({"method": "simclr"}, "invalid method"),
+        ({"method": "byol"}, "invalid method"),
         ({"model": "RN5O"}, "unknown model 'RN5O'"),
         ({"data": "MISSING"}, "manifest.json missing"),
+        ({"procs_per_node": 3}, "batch_size 16 is not divisible by 3 process(es)"),
+        ({"accum_steps": 16}, "fewer than 2 samples per micro-batch"),
+        ({"precision": "fp16"}, "fp16 needs a GPU"),
+        ({"resume": "/nowhere/state/step-00000004.pt"}, "does not exist"),
+        ({"nodes": 2}, "runs as a Kubeflow PyTorchJob"),
     ],
 )
 def test_bad_input_fails_in_one_line_before_any_run(

@@ -28,6 +28,9 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
     stage: ClassVar[str] = ""
+    #: Fields that change how a stage runs but not what it makes (workers, checkpoint
+    #: frequency, ...): left out of the fingerprint, so its output location stays put.
+    not_decisive: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def parse(cls, **values: Any) -> typing.Self:
@@ -51,7 +54,8 @@ class StageConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """A short stable hash of the config, for content-addressed output locations."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        blob = json.dumps(self.model_dump(mode="json", exclude=set(self.not_decisive)),
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def mlflow_params(self) -> dict[str, str]:

@@ -1,18 +1,40 @@
 """Image encoders for pre-training and fine-tuning, and the checkpoint files that carry them.
 
-Every method trains the same module: an open_clip image tower (``ModifiedResNet``,
-``VisionTransformer`` or a timm trunk, as the open_clip config says) inside an
-:class:`ImageEncoder`, which takes images in [0, 1] and does the resizing and open_clip's
-mean/std normalisation itself. So a saved model needs no preprocessing recipe beside it, and
-fine-tuning loads the tower the same way whichever method pre-trained it.
+Every method trains the same module: an image tower inside an :class:`ImageEncoder`, which
+takes images in [0, 1] and does the resizing and mean/std normalisation itself. So a saved
+model needs no preprocessing recipe beside it, and fine-tuning loads the tower the same way
+whichever method pre-trained it. The tower is one of two kinds, as the model's config says:
 
-- ``clip``: the whole open_clip model (image and text towers, ``logit_scale``); its
-  ``visual`` is the encoder's tower.
+- an open_clip tower (``ModifiedResNet``, ``VisionTransformer`` or a timm trunk), built by
+  open_clip's own ``_build_vision_tower``. open_clip's ``RN50`` is CLIP's *modified*
+  ResNet-50 (attention pooling, 3-conv stem; 38.3M params), not torchvision's;
+- a torchvision ResNet (``"torchvision_model"`` in the config's ``vision_cfg``): the torchvision
+  module unchanged except that its ``fc`` is a ``Linear(trunk width, embed_dim)`` projection,
+  and an ``output_dim`` attribute. Always built with ``weights=None`` (nothing is downloaded).
+  ``tv-resnet50`` is torchvision's ``resnet50``: 23.5M trunk + 2.1M projection to 1024-d
+  (25.6M, by chance the same as torchvision's 1000-class model);
+
+:func:`describe_architecture` names which one a run used.
+
+What each pre-training method trains (:func:`build_pretrain_model`); ``encoder`` is built the
+same way for all three, so they train the identical tower type:
+
+- ``clip``: a whole open_clip ``CLIP`` (image and text towers, ``logit_scale``); its
+  ``visual`` is the encoder's tower. open_clip's ``create_model`` cannot build the torchvision
+  configs (``CLIPVisionCfg`` refuses the unknown ``torchvision_model`` key, and ``CLIP`` a
+  ``preprocess_cfg``), so for those :func:`build_clip` builds open_clip's ``CLIP`` class with a
+  throwaway tiny vision config and then puts the torchvision tower in as ``visual``: the state
+  dict keys, ``encode_image``/``encode_text`` and ``logit_scale`` are open_clip's. The same
+  names therefore do not work in open_clip's own trainer (``upstream.openclip_compat``).
+- ``simclr``: the encoder plus a :class:`ProjectionHead` (3-layer MLP with BatchNorm) on the
+  encoder's ``embed_dim`` features; the contrastive loss lives with the objectives.
 - ``supervised``: the encoder plus a linear head over the classes.
 
-upstream's tiny configs (``model_configs/*.json``, 32 px images) are registered with
-open_clip at import, so ``upstream-tiny-rn`` and ``upstream-tiny-vit`` work wherever an
-open_clip name does.
+upstream's configs (``model_configs/*.json``) are registered with open_clip at import, so
+``upstream-tiny-rn``, ``upstream-tiny-vit``, ``upstream-tiny-tvrn`` (32 px images) and
+``tv-resnet50`` are listed by ``open_clip.list_models()`` and accepted wherever a model name
+is. A config's top-level ``preprocess_cfg`` (mean/std) sets the encoder's normalisation:
+ImageNet's for the torchvision trunks, OpenAI's CLIP statistics otherwise.
 
 Checkpoints are ``torch.save``-d dicts of tensors, strings and numbers only, so that
 ``torch.load(weights_only=True)`` reads them; they are written to a local temporary file and
@@ -53,8 +75,12 @@ FORMAT_VERSION = 1
 _REMOTE_PREFIXES = ("hf-hub:", "local-dir:")
 
 
+#: The pre-training methods :func:`build_pretrain_model` knows.
+METHODS = ("clip", "simclr", "supervised")
+
+
 def known_models() -> list[str]:
-    """Every open_clip model name that builds here (upstream's tiny configs first)."""
+    """Every model name that builds here (upstream's own configs first)."""
     names = open_clip.list_models()
     ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
     return ours + [n for n in names if n not in ours]
@@ -91,16 +117,23 @@ def embed_dim_of(name: str) -> int:
     return int(model_config(name)["embed_dim"])
 
 
+def is_torchvision(name: str) -> bool:
+    """True when ``name``'s image tower is a torchvision ResNet (not an open_clip tower)."""
+    return bool(model_config(name)["vision_cfg"].get("torchvision_model"))
+
+
 def tower_is_vit(name: str) -> bool:
     """True for a transformer image tower (it gets CLIP's ViT optimiser settings)."""
     vision = model_config(name)["vision_cfg"]
+    if vision.get("torchvision_model"):
+        return False
     if vision.get("timm_model_name"):
         return "vit" in vision["timm_model_name"]
     return not isinstance(vision.get("layers", 12), list | tuple)
 
 
 def normalisation(name: str) -> tuple[list[float], list[float]]:
-    """open_clip's image mean and std for ``name`` (the config's, else OpenAI's)."""
+    """The image mean and std for ``name``: its config's ``preprocess_cfg``, else OpenAI's."""
     pp = model_config(name).get("preprocess_cfg", {})
     mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
     std = pp.get("std", open_clip.OPENAI_DATASET_STD)
@@ -142,21 +175,80 @@ def _quiet_open_clip() -> Iterator[None]:
 
 
 def build_visual(name: str) -> nn.Module:
-    """The bare open_clip image tower for ``name``, freshly initialised.
+    """The bare image tower for ``name``, freshly initialised (``output_dim`` = embed_dim).
 
-    Built by the same open_clip function that builds the ``visual`` of a whole CLIP model, so
-    a tower saved from either pre-training method loads into it.
+    open_clip towers are built by the same open_clip function that builds the ``visual`` of a
+    whole CLIP model, so a tower saved from any pre-training method loads into it.
     """
     from open_clip.model import _build_vision_tower
 
     cfg = model_config(name)
+    if cfg["vision_cfg"].get("torchvision_model"):
+        return _build_torchvision_trunk(name, cfg["embed_dim"], cfg["vision_cfg"])
     return _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("quick_gelu", False))
 
 
+def _build_torchvision_trunk(name: str, embed_dim: int, vision: dict[str, Any]) -> nn.Module:
+    """torchvision's ResNet with ``fc`` = a projection to ``embed_dim``; never downloads.
+
+    ``torchvision_model`` is a torchvision builder (``resnet50``, ``resnet18``, ...), or
+    ``resnet`` for ``ResNet(block, layers)`` built directly (the tiny test config):
+    torchvision's ResNet fixes the stage widths at 64..512, so a tiny one is made shallow,
+    not narrow.
+    """
+    import torchvision
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    arch = vision["torchvision_model"]
+    trunk: nn.Module
+    if arch == "resnet":
+        blocks = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}
+        block = blocks.get(vision.get("block", "Bottleneck"))
+        if block is None or not isinstance(vision.get("layers"), list | tuple):
+            raise UpstreamError(
+                f"model {name!r}: a torchvision 'resnet' needs 'block' (BasicBlock|Bottleneck) "
+                "and four 'layers'"
+            )
+        trunk = ResNet(block, list(vision["layers"]))
+    else:
+        builder = getattr(torchvision.models, str(arch), None)
+        if not callable(builder):
+            raise UpstreamError(f"model {name!r}: torchvision has no model {arch!r}")
+        trunk = builder(weights=None)
+    if not isinstance(trunk, ResNet):
+        raise UpstreamError(f"model {name!r}: only torchvision ResNets are supported, not {arch!r}")
+    # torchvision's own classifier slot becomes the projection to the shared embedding width,
+    # so forward() is torchvision's and the features match open_clip towers' embed_dim.
+    trunk.fc = nn.Linear(trunk.fc.in_features, embed_dim)
+    trunk.output_dim = embed_dim
+    return trunk
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def describe_architecture(name: str, visual: nn.Module) -> str:
-    """A one-line description such as ``open_clip RN50 = ModifiedResNet, 38.3M params``."""
-    n = sum(p.numel() for p in visual.parameters())
-    trunk = model_config(name)["vision_cfg"].get("timm_model_name")
+    """One line naming the tower a run used, with its parameter count.
+
+    ``open_clip RN50 = ModifiedResNet, 38.32M params`` or ``torchvision resnet50 = ResNet,
+    25.61M params (23.51M trunk + 2.10M projection to 1024-d), as tv-resnet50``.
+    """
+    n = _param_count(visual)
+    vision = model_config(name)["vision_cfg"]
+    tv = vision.get("torchvision_model")
+    if tv:
+        if tv == "resnet":
+            tv = f"ResNet({vision.get('block', 'Bottleneck')}, {list(vision['layers'])})"
+        fc = getattr(visual, "fc", None)
+        proj = _param_count(fc) if isinstance(fc, nn.Module) else 0
+        dim = getattr(visual, "output_dim", "?")
+        return (
+            f"torchvision {tv} = {type(visual).__name__}, {n / 1e6:.2f}M params "
+            f"({(n - proj) / 1e6:.2f}M trunk + {proj / 1e6:.2f}M projection to {dim}-d), "
+            f"as {name}"
+        )
+    trunk = vision.get("timm_model_name")
     kind = f"timm {trunk}" if trunk else type(visual).__name__
     return f"open_clip {name} = {kind}, {n / 1e6:.2f}M params"
 
@@ -165,8 +257,9 @@ class ImageEncoder(nn.Module):
     """An image tower that takes images in [0, 1] (N, C, H, W) and returns features.
 
     Grey images are repeated to three channels and other sizes are resized to the tower's
-    ``image_size``, so that any of upstream's datasets fits any model; open_clip's mean/std
-    normalisation happens here, so the saved module needs no preprocessing beside it.
+    ``image_size``, so that any of upstream's datasets fits any model; the model's mean/std
+    normalisation (:func:`normalisation`) happens here, so the saved module needs no
+    preprocessing beside it.
     """
 
     def __init__(self, visual: nn.Module, image_size: int, mean: list[float], std: list[float]):
@@ -174,7 +267,7 @@ class ImageEncoder(nn.Module):
         self.visual = visual
         self.image_size = int(image_size)
         # Not persistent: they follow from the model name, and the tower's state dict stays
-        # exactly open_clip's.
+        # exactly open_clip's (or torchvision's).
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
@@ -189,37 +282,65 @@ class ImageEncoder(nn.Module):
         return self.visual((images - self.mean) / self.std)
 
 
+def feature_dim(encoder: ImageEncoder) -> int:
+    """The width of ``encoder``'s features (its tower's ``output_dim``, else measured)."""
+    out_dim = getattr(encoder.visual, "output_dim", None)
+    if out_dim is None:
+        with torch.no_grad():
+            was = encoder.training
+            encoder.eval()
+            out = encoder(torch.zeros(1, 3, encoder.image_size, encoder.image_size))
+            encoder.train(was)
+        out_dim = out.shape[-1]
+    return int(out_dim)
+
+
 class Classifier(nn.Module):
     """An :class:`ImageEncoder` and a linear head: [0, 1] images in, class logits out."""
 
     def __init__(self, encoder: ImageEncoder, num_classes: int):
         super().__init__()
         self.encoder = encoder
-        out_dim = getattr(encoder.visual, "output_dim", None)
-        if out_dim is None:
-            with torch.no_grad():
-                was = encoder.training
-                encoder.eval()
-                out_dim = encoder(torch.zeros(1, 3, encoder.image_size, encoder.image_size))
-                out_dim = out_dim.shape[-1]
-                encoder.train(was)
-        self.head = nn.Linear(int(out_dim), num_classes)
+        self.head = nn.Linear(feature_dim(encoder), num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(images))
 
 
+class ProjectionHead(nn.Sequential):
+    """SimCLR's projection MLP: (Linear, BatchNorm, ReLU) × 2, then Linear to ``out_dim``.
+
+    Three layers with BatchNorm, as in SimCLR v2; the Linears before a BatchNorm have no bias
+    (the norm's shift replaces it). Trained with the encoder and dropped after pre-training:
+    only the encoder's tower is carried to fine-tuning.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256):
+        super().__init__(
+            nn.Linear(in_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim),
+        )
+        self.in_dim, self.hidden_dim, self.out_dim = int(in_dim), int(hidden_dim), int(out_dim)
+
+
 def build_image_encoder(name: str) -> ImageEncoder:
-    """A fresh :class:`ImageEncoder` around ``name``'s open_clip image tower."""
+    """A fresh :class:`ImageEncoder` around ``name``'s image tower."""
     mean, std = normalisation(name)
     return ImageEncoder(build_visual(name), image_size_of(name), mean, std)
 
 
 class PretrainModel(nn.Module):
-    """What pre-training optimises: the encoder, plus a text tower (clip) or a head (supervised).
+    """What pre-training optimises: the encoder, plus what its method adds.
 
-    ``encoder.visual`` is the open_clip image tower in both cases; for ``clip`` it is the very
-    module ``clip.visual``.
+    ``clip``: ``clip`` is the whole CLIP model and ``encoder.visual`` is the very module
+    ``clip.visual``. ``simclr``: ``projection`` is a :class:`ProjectionHead` on the encoder's
+    features. ``supervised``: ``head`` is a linear classifier on them. The unused slots are
+    None.
     """
 
     def __init__(
@@ -228,12 +349,14 @@ class PretrainModel(nn.Module):
         encoder: ImageEncoder,
         clip: nn.Module | None = None,
         head: nn.Linear | None = None,
+        projection: ProjectionHead | None = None,
     ):
         super().__init__()
         self.method = method
         self.encoder = encoder
         self.clip = clip
         self.head = head
+        self.projection = projection
 
 
 def tokenizer(name: str) -> Any:
@@ -242,21 +365,53 @@ def tokenizer(name: str) -> Any:
         return open_clip.get_tokenizer(validate_model_name(name))
 
 
-def build_pretrain_model(name: str, method: str, num_classes: int = 0) -> PretrainModel:
-    """What ``method`` trains: clip → the whole open_clip model; supervised → tower + head."""
-    validate_model_name(name)
-    mean, std = normalisation(name)
-    if method == "clip":
+# A throwaway vision config for open_clip's CLIP class when the real tower is torchvision's.
+_PLACEHOLDER_VISION = {"image_size": 8, "patch_size": 8, "width": 8, "head_width": 8, "layers": 1}
+
+
+def build_clip(name: str) -> open_clip.CLIP:
+    """A fresh open_clip ``CLIP`` for ``name`` (``visual`` = :func:`build_visual`'s tower)."""
+    cfg = model_config(name)
+    if not cfg["vision_cfg"].get("torchvision_model"):
         with _quiet_open_clip():
-            clip = open_clip.create_model(name, pretrained=None)
+            return open_clip.create_model(name, pretrained=None)
+    clip = open_clip.CLIP(
+        cfg["embed_dim"], _PLACEHOLDER_VISION, cfg["text_cfg"], cfg.get("quick_gelu", False)
+    )
+    clip.visual = build_visual(name)
+    return clip
+
+
+def build_pretrain_model(
+    name: str,
+    method: str,
+    num_classes: int = 0,
+    *,
+    projection_hidden: int = 4096,
+    projection_out: int = 256,
+) -> PretrainModel:
+    """What ``method`` trains around ``name``'s image tower (see :class:`PretrainModel`)."""
+    validate_model_name(name)
+    if method == "clip":
+        clip = build_clip(name)
+        mean, std = normalisation(name)
         encoder = ImageEncoder(clip.visual, image_size_of(name), mean, std)
         return PretrainModel(method, encoder, clip=clip)
+    if method == "simclr":
+        if projection_hidden < 1 or projection_out < 1:
+            raise UpstreamError(
+                f"simclr projection sizes must be ≥ 1 (got hidden={projection_hidden}, "
+                f"out={projection_out})"
+            )
+        encoder = build_image_encoder(name)
+        head = ProjectionHead(feature_dim(encoder), projection_hidden, projection_out)
+        return PretrainModel(method, encoder, projection=head)
     if method == "supervised":
         if num_classes < 2:
             raise UpstreamError(f"supervised pre-training needs ≥ 2 classes (got {num_classes})")
         classifier = Classifier(build_image_encoder(name), num_classes)
         return PretrainModel(method, classifier.encoder, head=classifier.head)
-    raise UpstreamError(f"unknown pre-training method {method!r}; known: clip, supervised")
+    raise UpstreamError(f"unknown pre-training method {method!r}; known: {', '.join(METHODS)}")
 
 
 # -- checkpoint files -------------------------------------------------------------------
@@ -341,8 +496,11 @@ def pip_requirements() -> list[str]:
     return out
 
 
-def log_mlflow_model(model: nn.Module, image_size: int, out_dim: int) -> None:
-    """Log ``model`` (takes [0, 1] images) as the run's ``model`` with a tensor signature."""
+def log_mlflow_model(
+    model: nn.Module, image_size: int, out_dim: int, registered_name: str | None = None
+) -> None:
+    """Log ``model`` (takes [0, 1] images) as the run's ``model`` with a tensor signature;
+    with ``registered_name``, also as a new version of that model in the model registry."""
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -365,6 +523,7 @@ def log_mlflow_model(model: nn.Module, image_size: int, out_dim: int) -> None:
             serialization_format="pickle",
             pip_requirements=pip_requirements(),
             signature=signature,
+            registered_model_name=registered_name,
         )
     finally:
         logging.getLogger("mlflow.pytorch").removeFilter(quiet)

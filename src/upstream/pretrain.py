@@ -1,19 +1,43 @@
-"""Pre-training stage: ``supervised`` (cross-entropy) or ``clip`` (open_clip's ClipLoss) on an
-open_clip image tower, streaming shards through upstream's loader; writes a checkpoint and an MLflow
-run (params, loss and throughput per step, the model)."""
+"""Pre-training stage: ``clip``, ``simclr`` or ``supervised`` on one image tower, on one
+process or many (torchrun, DDP), resumable mid-epoch; writes a checkpoint and an MLflow run.
+
+The three methods train the identical image encoder (:func:`upstream.models.build_image_encoder`
+or, for clip, the same tower inside the open_clip model); only the head and the loss differ:
+
+- ``clip``: open_clip's ClipLoss with ``local_loss`` and ``gather_with_grad`` across ranks;
+- ``simclr``: two augmented views, an MLP projection head, NT-Xent (temperature 0.1) with
+  features gathered across ranks;
+- ``supervised``: cross-entropy on the labels.
+
+Batches: ``batch_size`` is the global batch of one optimizer step. Each of ``W`` ranks reads
+``batch_size / W`` samples a step, in ``accum_steps`` micro-batches. A contrastive loss sees
+the negatives of its micro-batch on every rank (open_clip's ``accum_freq`` feature cache, which
+would give every micro-batch the whole batch's negatives, is not done here).
+
+Budget: ``train_samples`` samples seen (0: ``epochs`` passes over the data). Resumption:
+training state every ``checkpoint_every`` steps (:mod:`upstream.trainstate`); ``resume=auto``
+continues from the newest. Every step's random numbers are seeded from (seed, step, rank) and
+every batch's augmentations from (seed, epoch, rank, worker, batch), so a resumed run takes
+the steps an uninterrupted one would; with ``deterministic`` it ends with the same weights.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
 import math
+import os
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from upstream.config import StageConfig, wiring
 
@@ -21,6 +45,8 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+
+METHODS = ("clip", "simclr", "supervised")
 
 
 @functools.cache
@@ -36,22 +62,65 @@ def _model_config_names() -> frozenset[str]:
 
 class PretrainConfig(StageConfig):
     stage: ClassVar[str] = "pretrain"
+    not_decisive: ClassVar[frozenset[str]] = frozenset(
+        {"output", "experiment", "num_workers", "checkpoint_every", "resume", "procs_per_node",
+         "nodes", "registered_model"}
+    )
 
     data: str = wiring(description="Pre-training shards: the folder holding manifest.json.")
     output: str = wiring("", description="Where the checkpoint goes (folder or s3:// prefix).")
-    method: Literal["supervised", "clip"] = Field("clip", description="Pre-training method.")
+    method: Literal["clip", "simclr", "supervised"] = Field(
+        "clip", description="Pre-training method."
+    )
     model: str = Field(
         "upstream-tiny-rn",
-        description="open_clip model name (RN50, ViT-B-32, ...) or one of upstream's tiny configs.",
+        description="Image tower for every method: an open_clip model name (RN50, ViT-B-32, "
+        "...), tv-resnet50 (torchvision's ResNet-50 trunk) or one of upstream's tiny configs.",
     )
-    epochs: int = Field(3, ge=1, description="Passes over the pre-training shards.")
-    batch_size: int = Field(64, ge=2, description="Samples per step.")
+    epochs: int = Field(3, ge=1, description="Passes over the data (when train_samples is 0).")
+    train_samples: int = Field(
+        0, ge=0, description="Training budget in samples seen (0: epochs passes)."
+    )
+    batch_size: int = Field(64, ge=2, description="Global batch per optimizer step.")
+    accum_steps: int = Field(1, ge=1, description="Micro-batches per step (gradient accumulation).")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms, biases).")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps before the cosine decay.")
-    seed: int = Field(0, description="Seed for initialisation and data order.")
+    grad_clip: float = Field(0.0, ge=0, description="Clip the gradient norm to this (0: off).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU, fp32 on the CPU; fp16 uses a "
+        "GradScaler and needs a GPU.",
+    )
+    channels_last: bool = Field(False, description="channels_last memory format (GPU).")
+    compile: bool = Field(False, description="torch.compile the model.")
+    augment: Literal["none", "crop"] = Field(
+        "none", description="clip/supervised: none (images as stored) or a random resized "
+        "crop; simclr always uses its two-view recipe.",
+    )
+    temperature: float = Field(0.1, gt=0, description="simclr: NT-Xent temperature.")
+    projection_hidden: int = Field(4096, ge=1, description="simclr: projection MLP width.")
+    projection_dim: int = Field(256, ge=1, description="simclr: projection output size.")
+    seed: int = Field(0, description="Seed for initialisation, data order and augmentation.")
+    shuffle: bool = Field(
+        True, description="Shuffle the data every epoch (off: the shards' own order)."
+    )
+    deterministic: bool = Field(False, description="Deterministic kernels (bitwise resumes).")
     num_workers: int = Field(
         0, ge=0, description="Data-loading worker processes (0: decode in the training process)."
+    )
+    checkpoint_every: int = Field(
+        0, ge=0, description="Save resumable training state every N steps (0: at the end only)."
+    )
+    resume: str = Field(
+        "auto", description="auto: continue from the output's latest training state if any; "
+        "never: start over; or the URI of a state file.",
+    )
+    procs_per_node: int = Field(
+        1, ge=1, description="Training processes per node (one per GPU; gloo processes on CPU)."
+    )
+    nodes: int = Field(1, ge=1, description="Nodes (> 1: a Kubeflow PyTorchJob).")
+    registered_model: str = Field(
+        "", description="Model registry name (default: <experiment>-<source>-<method>)."
     )
     experiment: str = Field("upstream", description="MLflow experiment name.")
 
@@ -66,21 +135,144 @@ class PretrainConfig(StageConfig):
             )
         return v
 
+    @model_validator(mode="after")
+    def _batch_splits(self) -> PretrainConfig:
+        world = self.procs_per_node * self.nodes
+        if self.batch_size % (world * self.accum_steps):
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by {world} process(es) × "
+                f"{self.accum_steps} accumulation step(s)"
+            )
+        if self.batch_size // (world * self.accum_steps) < 2:
+            raise ValueError(
+                f"batch_size {self.batch_size} leaves fewer than 2 samples per micro-batch "
+                f"over {world} process(es) × {self.accum_steps} accumulation step(s)"
+            )
+        return self
+
+
+def registry_name(config: PretrainConfig, source: str) -> str:
+    """The model registry name: the config's, else ``<experiment>-<source>-<method>``."""
+    name = config.registered_model or f"{config.experiment}-{source}-{config.method}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "upstream"
+
+
+def _interventions(manifest: dict[str, Any]) -> str:
+    steps = manifest.get("interventions", {}).get("steps", [])
+    return ",".join(str(s.get("step")) for s in steps) or "none"
+
+
+def _precision(config: PretrainConfig, cuda: bool) -> str:
+    from upstream.errors import UpstreamError
+
+    if config.precision == "auto":
+        return "bf16" if cuda else "fp32"
+    if config.precision == "fp16" and not cuda:
+        raise UpstreamError("pretrain: precision fp16 needs a GPU (use fp32 or bf16 on a CPU)")
+    return config.precision
+
+
+def _transform(config: PretrainConfig, image_size: int) -> Any:
+    from upstream import augment
+
+    if config.method == "simclr":
+        return augment.simclr_views(image_size)
+    if config.augment == "crop":
+        return (augment.clip_train if config.method == "clip" else augment.supervised_train)(
+            image_size
+        )
+    return None  # the images as stored; the encoder resizes them
+
+
+class Objective:
+    """The method's loss as one module call, so that DDP sees every parameter's forward."""
+
+    @staticmethod
+    def build(config: PretrainConfig, net: Any, world: Any, tokenizer: Any) -> Any:
+        import torch.nn.functional as F
+        from torch import nn
+
+        from upstream import objectives
+
+        method = config.method
+
+        class _Loss(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = net
+                self.clip_loss = (
+                    objectives.clip_loss(world.size, world.rank) if method == "clip" else None
+                )
+                self.ntxent = (
+                    objectives.NTXentLoss(config.temperature) if method == "simclr" else None
+                )
+
+            def forward(
+                self, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor | None
+            ) -> torch.Tensor:
+                if method == "supervised":
+                    return F.cross_entropy(self.net.head(self.net.encoder(images)), labels)
+                if method == "simclr":
+                    b = images.shape[0]
+                    both = images.flatten(0, 1)  # (B, 2, C, H, W) → (2B, C, H, W), views paired
+                    z = self.net.projection(self.net.encoder(both)).view(b, 2, -1)
+                    return self.ntxent(z[:, 0], z[:, 1])
+                clip = self.net.clip
+                image = F.normalize(self.net.encoder(images), dim=-1)
+                text = clip.encode_text(tokens, normalize=True)
+                return self.clip_loss(image, text, clip.logit_scale.exp())
+
+        return _Loss()
+
+
+def _completed(checkpoint_uri: str) -> dict[str, Any] | None:
+    """The result of a run whose final checkpoint exists (a re-run step is a no-op)."""
+    from upstream import models, storage
+
+    if not storage.exists(checkpoint_uri):
+        return None
+    ckpt = models.load_checkpoint(checkpoint_uri)
+    return {
+        "checkpoint": checkpoint_uri,
+        "mlflow_run_id": ckpt.get("mlflow_run_id", ""),
+        "final_loss": ckpt.get("final_loss", float("nan")),
+        "samples_per_s": ckpt.get("samples_per_s", float("nan")),
+        "steps": ckpt.get("steps", 0),
+        "resumed": "complete",
+    }
+
 
 def pretrain(config: PretrainConfig) -> dict[str, Any]:
-    """Train, write the checkpoint, log to MLflow; return {checkpoint, mlflow_run_id, ...}."""
-    # Heavy imports here, not at module level: the CLI and the pipeline compiler import this
-    # module for its config alone.
-    import open_clip
+    """Train (this process's share, under torchrun), write the checkpoint and log to MLflow
+    (rank 0); return {checkpoint, mlflow_run_id, final_loss, samples_per_s, steps}."""
     import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
-    from upstream import loader, models, plots, storage, tracking, training
+    from upstream import distributed, loader, models, storage, tracking, training, trainstate
     from upstream.errors import UpstreamError
 
     # Everything that can be wrong with the input is checked before the model is built.
     models.validate_model_name(config.model)
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if not under_torchrun and config.nodes > 1:
+        raise UpstreamError(
+            f"pretrain: nodes={config.nodes} runs as a Kubeflow PyTorchJob (the pipeline's "
+            "pretrain step creates it); on one machine use procs_per_node"
+        )
+    if not under_torchrun and config.procs_per_node > 1:
+        return _torchrun(config)
+    world = distributed.init()
+    expected_world = config.procs_per_node * config.nodes
+    if world.size != expected_world and world.size > 1:
+        raise UpstreamError(
+            f"pretrain: started as {world.size} processes, but the config says "
+            f"{config.procs_per_node} per node × {config.nodes} node(s)"
+        )
+    if config.batch_size % (world.size * config.accum_steps):
+        raise UpstreamError(
+            f"pretrain: batch_size {config.batch_size} is not divisible by the world size "
+            f"{world.size} × {config.accum_steps} accumulation step(s)"
+        )
+    precision = _precision(config, world.device.type == "cuda")
     output = training.output_location(config, config.output)
     storage.check_reachable(output)
     manifest = loader.read_manifest(config.data)
@@ -100,151 +292,342 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             f"({num_samples} samples)"
         )
     checkpoint_uri = storage.join(output, models.CHECKPOINT_FILE)
+    if config.resume == "auto":
+        done = _completed(checkpoint_uri)
+        if done is not None:
+            log.info("pretrain: %s is complete already; nothing to do", checkpoint_uri)
+            return done
+    data_fingerprint = training.manifest_fingerprint(manifest)
+    run_facts = {
+        "model": config.model,
+        "method": config.method,
+        "batch_size": config.batch_size,
+        "data_fingerprint": data_fingerprint,
+    }
+    found = trainstate.find(output, config.resume)
+    if found is not None:
+        trainstate.check_compatible(found, run_facts)
 
-    # One stream for the whole run: its data workers and batch buffers live across epochs.
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    training.seed_everything(config.seed)
+    net = models.build_pretrain_model(
+        config.model, config.method, len(class_names),
+        projection_hidden=config.projection_hidden, projection_out=config.projection_dim,
+    )
+    image_size = net.encoder.image_size
+    per_rank = config.batch_size // world.size
+    micro = per_rank // config.accum_steps
     stream = loader.Stream(
         config.data,
-        batch_size=config.batch_size,
-        shuffle_seed=config.seed,
+        batch_size=micro,
+        shuffle_seed=config.seed if config.shuffle else None,
         epoch=0,
-        transform=None,
+        transform=_transform(config, image_size),
         with_captions=config.method == "clip",
         num_workers=config.num_workers,
-        # Every step sees a full batch: a short last batch gives CLIP fewer negatives
-        # (a lower, incomparable loss) and the schedule a step of a different size.
+        # Every step sees full batches: a short one gives a contrastive loss fewer negatives
+        # (a lower, incomparable loss) and the schedule a step of another size.
         drop_last=True,
+        rank=world.rank,
+        world_size=world.size,
     )
-    total_steps = len(stream) * config.epochs
-    data_fingerprint = training.manifest_fingerprint(manifest)
+    micro_per_epoch = len(stream)
+    if micro_per_epoch < config.accum_steps:
+        raise UpstreamError(
+            f"pretrain: {config.data} gives {micro_per_epoch} micro-batch(es) of {micro} per "
+            f"process, fewer than one step of {config.accum_steps}"
+        )
+    if config.train_samples:
+        total_steps = max(1, config.train_samples // config.batch_size)
+    else:
+        total_steps = config.epochs * micro_per_epoch // config.accum_steps
 
-    training.seed_everything(config.seed)
-    dev = training.device()
-    net = models.build_pretrain_model(config.model, config.method, len(class_names)).to(dev)
+    net = net.to(world.device)
+    if config.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     tokenizer = models.tokenizer(config.model) if config.method == "clip" else None
-    clip_loss = open_clip.ClipLoss() if config.method == "clip" else None
     optimizer = training.make_optimizer(
         net, config.lr, config.weight_decay, vit=models.tower_is_vit(config.model)
     )
     scheduler = training.warmup_cosine(optimizer, config.warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler(world.device.type, enabled=precision == "fp16")
+    loss_module: torch.nn.Module = Objective.build(config, net, world, tokenizer)
+    if world.size > 1:
+        loss_module = torch.nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[world.local_rank] if world.device.type == "cuda" else None
+        )
+    step_fn = torch.compile(loss_module) if config.compile else loss_module
     architecture = models.describe_architecture(config.model, net.encoder.visual)
-    log.info("pretrain %s %s on %s (%d samples, %d steps, %s)", config.method, architecture,
-             config.data, num_samples, total_steps, dev)
 
-    def step_loss(images: torch.Tensor, labels: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        features = net.encoder(images)
-        if config.method == "supervised":
-            assert net.head is not None
-            return F.cross_entropy(net.head(features), labels)
-        assert net.clip is not None and tokenizer is not None and clip_loss is not None
-        tokens = tokenizer(list(captions)).to(dev, non_blocking=True)
-        text = net.clip.encode_text(tokens, normalize=True)
-        return clip_loss(F.normalize(features, dim=-1), text, net.clip.logit_scale.exp())
+    step, epoch, position = 0, 0, 0
+    history: dict[str, list[float]] = {"step": [], "loss": []}
+    run_id: str | None = None
+    if found is not None:
+        state = found.state
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        trainstate.set_rng_states(state["rng"])
+        step, epoch, position = int(state["step"]), int(state["epoch"]), int(state["position"])
+        history = {k: list(v) for k, v in state["history"].items()}
+        run_id = state.get("mlflow_run_id") or None
+        log.info("pretrain: resuming from %s at step %d (epoch %d, batch %d)",
+                 found.uri, step, epoch, position)
+    log.info("pretrain %s %s on %s (%d samples, %d steps, %d process(es), %s, %s)",
+             config.method, architecture, config.data, num_samples, total_steps, world.size,
+             world.device, precision)
 
+    autocast = (
+        functools.partial(torch.autocast, world.device.type,
+                          dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        if precision in ("bf16", "fp16") else contextlib.nullcontext
+    )
     tags = {
         "upstream.method": config.method,
         "upstream.model": config.model,
         "upstream.source": training.manifest_source(manifest),
+        "upstream.size": str(num_samples),
+        "upstream.intervention": _interventions(manifest),
+        "upstream.architecture": architecture,
     }
-    with tracking.stage_run(config, config.experiment, tags=tags) as run:
-        import mlflow
+    tracked = (
+        tracking.stage_run(config, config.experiment, tags, run_id=run_id, system_metrics=True)
+        if world.is_main else contextlib.nullcontext(None)
+    )
+    with tracked as run:
+        if run is not None and run_id is None:
+            import mlflow
 
-        mlflow.log_params({
-            "data.fingerprint": data_fingerprint,
-            "data.num_samples": num_samples,
-            "data.num_classes": len(class_names),
-            "model.architecture": architecture,
-            "train.total_steps": total_steps,
-            "output.checkpoint": checkpoint_uri,
-        })
-        metrics = training.MetricLog(run.info.run_id)
-        steps: list[int] = []
-        losses: list[float] = []
-        timings: list[tuple[int, float]] = []  # (samples, seconds) per step
-        step = 0
+            mlflow.log_params({
+                "data.fingerprint": data_fingerprint,
+                "data.num_samples": num_samples,
+                "data.num_classes": len(class_names),
+                "model.architecture": architecture,
+                "train.total_steps": total_steps,
+                "train.world_size": world.size,
+                "train.precision": precision,
+                "output.checkpoint": checkpoint_uri,
+            })
+        run_id = run.info.run_id if run is not None else None
+        metrics = training.MetricLog(run_id) if run_id else None
+
+        def save_state() -> None:
+            if not world.is_main:
+                return
+            trainstate.save(output, step, {
+                "run": run_facts,
+                "step": step, "epoch": epoch, "position": position,
+                "model": models.plain_state_dict(net),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": trainstate.rng_states(),
+                "history": history,
+                "mlflow_run_id": run_id or "",
+            })
+
+        timings: list[tuple[int, float, float]] = []  # (samples, seconds, data wait) per step
         net.train()
-        bar = tqdm(total=total_steps, desc=f"pretrain {config.method}", unit="step",
-                   mininterval=1.0)
-        for epoch in range(config.epochs):
-            stream.set_epoch(epoch)
-            batches = stream
-            t_batch = time.perf_counter()
-            for images, labels, captions in batches:
-                images = torch.as_tensor(images, dtype=torch.float32).to(dev, non_blocking=True)
-                labels = torch.as_tensor(labels, dtype=torch.long).to(dev, non_blocking=True)
-                if len(images) < 2:  # a lone sample has no negatives for a contrastive loss
-                    continue
-                lr = optimizer.param_groups[0]["lr"]
-                loss = step_loss(images, labels, captions)
-                training.check_finite(loss, step, lr)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if net.clip is not None:
-                    with torch.no_grad():  # CLIP's cap on the temperature: logit scale ≤ 100
-                        net.clip.logit_scale.clamp_(0, math.log(100))
-                if step < total_steps - 1:
-                    scheduler.step()
-                now = time.perf_counter()
-                elapsed = now - t_batch
-                t_batch = now
-                timings.append((len(images), elapsed))
-                value = loss.item()
-                steps.append(step)
-                losses.append(value)
-                metrics.add(step, loss=value, lr=lr, samples_per_s=len(images) / elapsed)
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
-                step += 1
+        bar = _progress(world.is_main, total_steps, step, config.method)
+        batches: Any = None
+        micro_done = 0
+        while step < total_steps:
+            t_step = time.perf_counter()
+            waited = 0.0
+            # Per-step seeds: the random numbers of step k do not depend on how the run got
+            # there (resumed or not), on any rank.
+            torch.manual_seed(hash((config.seed, step, world.rank)) % 2**63)
+            optimizer.zero_grad(set_to_none=True)
+            losses = []
+            for k in range(config.accum_steps):
+                t_wait = time.perf_counter()
+                if batches is None:
+                    if position >= stream.settings.plan(epoch).num_batches:
+                        epoch, position = epoch + 1, 0  # saved right at the end of an epoch
+                    stream.set_epoch(epoch, start=position)
+                    batches = iter(stream)
+                batch = next(batches, None)
+                while batch is None:  # the epoch ended: the next one, from its start
+                    epoch, position = epoch + 1, 0
+                    stream.set_epoch(epoch)
+                    batches = iter(stream)
+                    batch = next(batches, None)
+                images, labels, captions = batch
+                images = images.to(world.device, non_blocking=True)
+                if config.channels_last and images.dim() == 4:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                labels = labels.to(world.device, non_blocking=True)
+                tokens = (tokenizer(list(captions)).to(world.device, non_blocking=True)
+                          if tokenizer is not None else None)
+                waited += time.perf_counter() - t_wait
+                position += 1
+                micro_done += 1
+                sync = (k == config.accum_steps - 1 or world.size == 1)
+                context = (loss_module.no_sync() if not sync and world.size > 1
+                           else contextlib.nullcontext())
+                with context, autocast():
+                    loss = step_fn(images, labels, tokens) / config.accum_steps
+                scaler.scale(loss).backward()
+                losses.append(loss.detach())
+            lr = optimizer.param_groups[0]["lr"]
+            total = torch.stack(losses).sum()
+            if world.size > 1:  # the logged loss is the whole batch's: the ranks' mean
+                torch.distributed.all_reduce(total)
+                total /= world.size
+            value = float(total)
+            training.check_finite(torch.tensor(value), step, lr)
+            if config.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if net.clip is not None:
+                with torch.no_grad():  # CLIP's cap on the temperature: logit scale ≤ 100
+                    net.clip.logit_scale.clamp_(0, math.log(100))
+            scheduler.step()
+            step += 1
+            elapsed = time.perf_counter() - t_step
+            timings.append((config.batch_size, elapsed, waited))
+            history["step"].append(step - 1)
+            history["loss"].append(value)
+            if metrics is not None:
+                metrics.add(step - 1, loss=value, lr=lr,
+                            samples_per_s=config.batch_size / elapsed,
+                            data_wait_share=waited / elapsed)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and (
+                step < total_steps
+            ):
+                save_state()
         bar.close()
         stream.close()
-        metrics.flush()
-        if step == 0:
-            raise UpstreamError(f"pretrain: no batches came from {config.data}")
-        # The first step pays one-off costs (allocations, kernel choice): left out when
-        # there are others.
-        steady = timings[1:] or timings
-        throughput = sum(n for n, _ in steady) / max(1e-9, sum(t for _, t in steady))
-        final_loss = sum(losses[-10:]) / len(losses[-10:])
-        mlflow.log_metrics({"final_loss": final_loss, "samples_per_s_mean": throughput})
-
-        checkpoint: dict[str, Any] = {
-            "format": models.CHECKPOINT_FORMAT,
-            "format_version": models.FORMAT_VERSION,
-            "model_name": config.model,
-            "method": config.method,
-            "architecture": architecture,
-            "image_size": net.encoder.image_size,
-            "embed_dim": models.embed_dim_of(config.model),
-            "visual": models.plain_state_dict(net.encoder.visual),
-            "class_names": class_names,
-            "config": config.model_dump(mode="json") | {"output": output},
-            "data_fingerprint": data_fingerprint,
-            "data_source": training.manifest_source(manifest),
-            "steps": step,
-            "final_loss": final_loss,
-            "mlflow_run_id": run.info.run_id,
-        }
-        if net.clip is not None:
-            checkpoint["clip"] = models.plain_state_dict(net.clip)
-        if net.head is not None:
-            checkpoint["head_weight"] = net.head.weight.detach().cpu().clone()
-            checkpoint["head_bias"] = net.head.bias.detach().cpu().clone()
-        # The checkpoint is the stage's completion marker: one object, written last.
-        models.save_file(checkpoint, checkpoint_uri)
-
-        with tempfile.TemporaryDirectory(prefix="upstream-plot-") as tmp:
-            png = plots.loss_curve(steps, losses, Path(tmp, "loss_curve.png"),
-                                   title=f"{config.method} pre-training loss ({config.model})")
-            mlflow.log_artifact(str(png))
-        # Logged from the CPU, so that it loads on machines without a GPU.
-        models.log_mlflow_model(net.encoder.cpu(), net.encoder.image_size,
-                                models.embed_dim_of(config.model))
-        log.info("pretrain done: loss %.4f, %.0f samples/s, checkpoint %s",
-                 final_loss, throughput, checkpoint_uri)
-        return {
+        if metrics is not None:
+            metrics.flush()
+        steady = timings[1:] or timings  # the first step pays one-off costs
+        throughput = sum(n for n, _, _ in steady) / max(1e-9, sum(t for _, t, _ in steady))
+        wait_share = sum(w for _, _, w in steady) / max(1e-9, sum(t for _, t, _ in steady))
+        tail = history["loss"][-10:]
+        final_loss = sum(tail) / len(tail)
+        result = {
             "checkpoint": checkpoint_uri,
-            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_id": run_id or "",
             "final_loss": final_loss,
             "samples_per_s": throughput,
+            "data_wait_share": wait_share,
             "steps": step,
+            "resumed": found.uri if found is not None else "",
         }
+        if world.is_main:
+            _finish(config, net, manifest, class_names, architecture, data_fingerprint,
+                    output, checkpoint_uri, result, history, run is not None)
+        distributed.barrier()
+    return result
+
+
+def _torchrun(config: PretrainConfig) -> dict[str, Any]:
+    """Run this config as ``procs_per_node`` processes on this machine (torchrun standalone:
+    nccl on GPUs, gloo on a CPU); the result is read back from the final checkpoint."""
+    from upstream import models, storage, training
+    from upstream.errors import UpstreamError
+
+    output = training.output_location(config, config.output)
+    placed = config.model_copy(update={"output": output})
+    with tempfile.TemporaryDirectory(prefix="upstream-torchrun-") as tmp:
+        path = Path(tmp, "config.json")
+        path.write_text(placed.model_dump_json())
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={config.procs_per_node}", "-m", "upstream.pretrain",
+                   str(path)]
+        log.info("pretrain: %s", " ".join(command))
+        code = subprocess.run(command, check=False).returncode
+    if code != 0:
+        raise UpstreamError(f"pretrain: torchrun with {config.procs_per_node} processes "
+                            f"failed (exit code {code}); see the log above")
+    done = _completed(storage.join(output, models.CHECKPOINT_FILE))
+    if done is None:
+        raise UpstreamError(f"pretrain: torchrun ended without a checkpoint at {output}")
+    return done
+
+
+def _progress(show: bool, total: int, initial: int, method: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"pretrain {method}", unit="step",
+                mininterval=1.0, disable=not show)
+
+
+def _finish(
+    config: PretrainConfig,
+    net: Any,
+    manifest: dict[str, Any],
+    class_names: list[str],
+    architecture: str,
+    data_fingerprint: str,
+    output: str,
+    checkpoint_uri: str,
+    result: dict[str, Any],
+    history: dict[str, list[float]],
+    tracked: bool,
+) -> None:
+    """Rank 0: the final checkpoint (the stage's completion marker, written last of the
+    files), the loss curve, the MLflow model and its registry version."""
+    from upstream import models, plots, training
+
+    checkpoint: dict[str, Any] = {
+        "format": models.CHECKPOINT_FORMAT,
+        "format_version": models.FORMAT_VERSION,
+        "model_name": config.model,
+        "method": config.method,
+        "architecture": architecture,
+        "image_size": net.encoder.image_size,
+        "embed_dim": models.embed_dim_of(config.model),
+        "visual": models.plain_state_dict(net.encoder.visual),
+        "class_names": class_names,
+        "config": config.model_dump(mode="json") | {"output": output},
+        "data_fingerprint": data_fingerprint,
+        "data_source": training.manifest_source(manifest),
+        "steps": result["steps"],
+        "final_loss": result["final_loss"],
+        "samples_per_s": result["samples_per_s"],
+        "mlflow_run_id": result["mlflow_run_id"],
+    }
+    if net.clip is not None:
+        checkpoint["clip"] = models.plain_state_dict(net.clip)
+    if net.head is not None:
+        checkpoint["head_weight"] = net.head.weight.detach().cpu().clone()
+        checkpoint["head_bias"] = net.head.bias.detach().cpu().clone()
+    if not tracked:
+        models.save_file(checkpoint, checkpoint_uri)
+        return
+    import mlflow
+
+    mlflow.log_metrics({"final_loss": result["final_loss"],
+                        "samples_per_s_mean": result["samples_per_s"],
+                        "data_wait_share_mean": result["data_wait_share"]})
+    with tempfile.TemporaryDirectory(prefix="upstream-plot-") as tmp:
+        png = plots.loss_curve(history["step"], history["loss"], Path(tmp, "loss_curve.png"),
+                               title=f"{config.method} pre-training loss ({config.model})")
+        mlflow.log_artifact(str(png))
+    # Logged from the CPU, so that it loads on machines without a GPU.
+    name = registry_name(config, training.manifest_source(manifest))
+    models.log_mlflow_model(net.encoder.cpu(), net.encoder.image_size,
+                            models.embed_dim_of(config.model), registered_name=name)
+    models.save_file(checkpoint, checkpoint_uri)
+    log.info("pretrain done: loss %.4f, %.0f samples/s, checkpoint %s, registered as %s",
+             result["final_loss"], result["samples_per_s"], checkpoint_uri, name)
+
+
+if __name__ == "__main__":  # one torchrun process: ``python -m upstream.pretrain CONFIG.json``
+    from upstream.errors import UpstreamError
+    from upstream.logs import setup_logging
+
+    setup_logging()
+    try:
+        pretrain(PretrainConfig.model_validate_json(Path(sys.argv[1]).read_text()))
+    except UpstreamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -66,17 +66,32 @@ def package_versions() -> dict[str, str]:
 
 @contextlib.contextmanager
 def stage_run(
-    config: StageConfig, experiment: str, tags: dict[str, Any] | None = None
+    config: StageConfig,
+    experiment: str,
+    tags: dict[str, Any] | None = None,
+    *,
+    run_id: str | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[Any]:
-    """Start an MLflow run for one stage call, log its config and provenance, yield the run."""
+    """Start an MLflow run for one stage call, log its config and provenance, yield the run.
+
+    With ``run_id`` (a resumed training), that run is reopened and goes on: its params were
+    logged when it started. ``system_metrics``: MLflow samples CPU, memory (and GPU) usage
+    in the background while the run is open.
+    """
     import mlflow
 
     experiment_id = ensure_experiment(experiment)
+    if run_id:
+        with mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics) as run:
+            yield run
+        return
     all_tags = {"upstream.stage": config.stage, "upstream.fingerprint": config.fingerprint()}
     if os.environ.get(GROUP_ENV):
         all_tags["upstream.group"] = os.environ[GROUP_ENV]
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
-    with mlflow.start_run(experiment_id=experiment_id, run_name=config.stage, tags=all_tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=config.stage, tags=all_tags,
+                          log_system_metrics=system_metrics) as run:
         mlflow.log_params(config.mlflow_params())
         mlflow.log_params({f"version.{k}": v for k, v in package_versions().items()})
         yield run

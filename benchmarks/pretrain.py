@@ -1,0 +1,122 @@
+"""Samples/s of upstream's whole pre-training step against the bare compute of the same step.
+
+    .venv/bin/python benchmarks/pretrain.py [--quick] [--method clip|simclr|supervised]
+
+- ``step``: :func:`upstream.pretrain.pretrain` on shards in the local S3 server (SeaweedFS,
+  started here in a temporary ``UPSTREAM_HOME`` and stopped at the end): the loader with one
+  worker process, the loss, AdamW, the schedule, per-step metrics to MLflow; its steady
+  samples/s (the first step left out) and the share of step time spent waiting for data,
+  as the stage itself measures them;
+- ``bare``: the same model, loss, optimizer and batch size on tensors already in memory
+  (random images of the shards' size; for clip, the captions tokenized once): nothing but
+  forward, backward and the optimizer step.
+
+Both use upstream's tiny config (``upstream-tiny-rn``, 32 px) on the CPU with torch's default
+threads. Each is run ``--repeats`` times, alternating, and the best of each is compared (other
+work on the machine only slows a run down). Prints the figures, then ``ratio step_vs_bare``
+and ``ratio data_wait_share``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from upstream import models, services, storage
+from upstream.pretrain import Objective, PretrainConfig, pretrain
+from upstream.shard import ShardConfig, shard
+
+MODEL = "upstream-tiny-rn"
+
+
+def bare(config: PretrainConfig, steps: int, image_size: int, captions: list[str]) -> float:
+    """Samples/s of forward + backward + AdamW on in-memory tensors (first step left out)."""
+    from upstream import distributed, training
+
+    world = distributed.init()
+    torch.manual_seed(0)
+    net = models.build_pretrain_model(MODEL, config.method, 10)
+    tokenizer = models.tokenizer(MODEL) if config.method == "clip" else None
+    loss_module = Objective.build(config, net, world, tokenizer)
+    optimizer = training.make_optimizer(net, config.lr, config.weight_decay)
+    b = config.batch_size
+    shape = (b, 2, 3, image_size, image_size) if config.method == "simclr" else (
+        b, 3, image_size, image_size)
+    images = torch.rand(shape)
+    labels = torch.randint(0, 10, (b,))
+    tokens = tokenizer(captions[:b]) if tokenizer is not None else None
+    net.train()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_module(images, labels, tokens)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - t)
+    return b * (len(times) - 1) / sum(times[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--method", choices=["clip", "simclr", "supervised"], default="clip")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="20 steps, 2 repeats")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.repeats = 20, 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="upstream-bench-pretrain-"))
+    os.environ["UPSTREAM_HOME"] = str(tmp / "home")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    info = None
+    try:
+        info = services.up(tmp / "home")
+        services.apply_env(info, override=True)
+        storage._client.cache_clear()
+        uri = f"{services.DATA_ROOT}/bench-pretrain/train"
+        samples = 2048
+        manifest = shard(ShardConfig.parse(
+            source="shapes", num_classes=10, samples_per_class=samples // 10, image_size=32,
+            output=uri, min_shards=16, experiment="bench-pretrain",
+        ))
+        print(f"sharded {manifest['num_samples']} 32 px images into {len(manifest['shards'])} "
+              f"shards on {uri}")
+        captions = [f"a photo of a {c}." for c in manifest["class_names"]] * args.batch_size
+        base = dict(data=uri, method=args.method, model=MODEL, batch_size=args.batch_size,
+                    train_samples=args.steps * args.batch_size, num_workers=1,
+                    experiment="bench-pretrain", resume="never")
+        steps_s: list[float] = []
+        shares: list[float] = []
+        bares: list[float] = []
+        for r in range(args.repeats):
+            config = PretrainConfig.parse(**base, output=str(tmp / f"run-{r}"), seed=r)
+            result = pretrain(config)
+            steps_s.append(result["samples_per_s"])
+            shares.append(result["data_wait_share"])
+            bares.append(bare(config, args.steps, 32, captions))
+            print(f"round {r + 1}: step {steps_s[-1]:.0f} samples/s (data wait "
+                  f"{shares[-1]:.1%}), bare {bares[-1]:.0f} samples/s", flush=True)
+        print(f"\nmethod {args.method}, model {MODEL}, batch {args.batch_size}, "
+              f"{args.steps} steps, {torch.get_num_threads()} threads, best of {args.repeats}")
+        print(f"step  {max(steps_s):8.0f} samples/s (median {statistics.median(steps_s):.0f})")
+        print(f"bare  {max(bares):8.0f} samples/s (median {statistics.median(bares):.0f})")
+        print(f"data wait share {min(shares):.3f} (median {statistics.median(shares):.3f})")
+        print()
+        print(f"ratio step_vs_bare {max(steps_s) / max(bares):.2f}")
+        print(f"ratio data_wait_share {min(shares):.3f}")
+    finally:
+        if info is not None:
+            services.down(tmp / "home")
+
+
+if __name__ == "__main__":
+    main()
