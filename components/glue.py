@@ -98,7 +98,13 @@ def run_pretrain(
     unplaced = PretrainConfig.parse(**knobs, data=read_pointer(data))
     output = storage.join(work_root, "pretrain", unplaced.fingerprint())
     config = PretrainConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output)
-    result = pretrain(config)
+    if config.nodes > 1:  # a PyTorchJob across nodes; this pod only creates it and waits
+        from upstream import pretrain_job
+        from upstream.components.factory import BASE_IMAGE
+
+        result = pretrain_job.run(config, os.environ.get("UPSTREAM_IMAGE") or BASE_IMAGE)
+    else:  # this pod: one process, or torchrun over its GPUs (procs_per_node)
+        result = pretrain(config)
     write_pointer(checkpoint, result["checkpoint"], **_scalar_facts(result))
     write_plots_html(plots, result.get("mlflow_run_id"), "Pre-training")
 

@@ -16,6 +16,7 @@ import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -535,3 +536,53 @@ def test_submit_through_the_real_client_and_kubeconfig(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_pipeline_step_runs_pretraining_as_a_pytorchjob(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pretrain step with nodes=2: it writes the config beside the output, creates a
+    job whose pods run ``torchrun ... -m upstream.pretrain <config>``, waits, and returns
+    the checkpoint the job wrote. No cluster here: the stand-in API plays the operator, and
+    its "pods" are one real pre-training process on the config the job points to."""
+    import shlex
+
+    from upstream import pretrain_job
+    from upstream.pretrain import PretrainConfig, pretrain
+    from upstream.shard import ShardConfig, shard
+
+    monkeypatch.setenv("UPSTREAM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("UPSTREAM_NAMESPACE", "team-a")
+    data = str(tmp_path / "shapes")
+    shard(ShardConfig.parse(source="shapes", num_classes=2, samples_per_class=8, image_size=32,
+                            output=data, experiment="job"))
+    config = PretrainConfig.parse(data=data, output=str(tmp_path / "out"), nodes=2,
+                                  method="supervised", epochs=1, batch_size=8, experiment="job")
+
+    class Operator(StandInApi):
+        def create_namespaced_custom_object(self, group: str, version: str, namespace: str,
+                                            plural: str, body: dict[str, Any]) -> dict[str, Any]:
+            job = super().create_namespaced_custom_object(group, version, namespace, plural,
+                                                          body)
+            check_manifest(body)
+            check_pod_templates(body)
+            command = body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+                "containers"][0]["command"]
+            line = " ".join(command)
+            assert "-m upstream.pretrain" in line and body["spec"]["nprocPerNode"] == "1"
+            source = shlex.split(line)[-1]
+            placed = PretrainConfig.model_validate_json(Path(source).read_text())
+            assert placed == config
+            pretrain(placed.model_copy(update={"nodes": 1}))  # what the pods would train
+            return job
+
+    api = Operator(TO_SUCCESS)
+    result = pretrain_job.run(config, "registry.example/upstream:1", api=api, poll_s=0)
+    assert result["checkpoint"] == str(tmp_path / "out" / "checkpoint.pt")
+    assert result["steps"] == 2 and api.calls[0][1]["namespace"] == "team-a"
+    body = api.calls[0][1]["body"]
+    assert body["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    # A restarted step finds the same job (same name) and the finished checkpoint.
+    again = pretrain_job.run(config, "registry.example/upstream:1", api=api, poll_s=0)
+    assert again["checkpoint"] == result["checkpoint"]

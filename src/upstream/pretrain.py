@@ -627,7 +627,12 @@ if __name__ == "__main__":  # one torchrun process: ``python -m upstream.pretrai
 
     setup_logging()
     try:
-        pretrain(PretrainConfig.model_validate_json(Path(sys.argv[1]).read_text()))
+        from upstream import storage
+
+        source = sys.argv[1]  # a local file (torchrun here) or an s3:// object (a PyTorchJob)
+        text = storage.read_bytes(source).decode() if storage.is_s3(source) else Path(
+            source).read_text()
+        pretrain(PretrainConfig.model_validate_json(text))
     except UpstreamError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
