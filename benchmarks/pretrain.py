@@ -41,7 +41,7 @@ def bare(config: PretrainConfig, steps: int, image_size: int, captions: list[str
 
     world = distributed.init()
     torch.manual_seed(0)
-    net = models.build_pretrain_model(MODEL, config.method, 10)
+    net = models.build_pretrain_model(MODEL, config.method, 8)
     tokenizer = models.tokenizer(MODEL) if config.method == "clip" else None
     loss_module = Objective.build(config, net, world, tokenizer)
     optimizer = training.make_optimizer(net, config.lr, config.weight_decay)
@@ -49,7 +49,7 @@ def bare(config: PretrainConfig, steps: int, image_size: int, captions: list[str
     shape = (b, 2, 3, image_size, image_size) if config.method == "simclr" else (
         b, 3, image_size, image_size)
     images = torch.rand(shape)
-    labels = torch.randint(0, 10, (b,))
+    labels = torch.randint(0, 8, (b,))
     tokens = tokenizer(captions[:b]) if tokenizer is not None else None
     net.train()
     times = []
@@ -85,7 +85,7 @@ def main() -> None:
         uri = f"{services.DATA_ROOT}/bench-pretrain/train"
         samples = 2048
         manifest = shard(ShardConfig.parse(
-            source="shapes", num_classes=10, samples_per_class=samples // 10, image_size=32,
+            source="shapes", num_classes=8, samples_per_class=samples // 8, image_size=32,
             output=uri, min_shards=16, experiment="bench-pretrain",
         ))
         print(f"sharded {manifest['num_samples']} 32 px images into {len(manifest['shards'])} "
