@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -116,6 +117,7 @@ def main() -> None:
     finally:
         if info is not None:
             services.down(tmp / "home")
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
