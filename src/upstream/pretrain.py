@@ -267,11 +267,6 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             f"pretrain: started as {world.size} processes, but the config says "
             f"{config.procs_per_node} per node × {config.nodes} node(s)"
         )
-    if config.batch_size % (world.size * config.accum_steps):
-        raise UpstreamError(
-            f"pretrain: batch_size {config.batch_size} is not divisible by the world size "
-            f"{world.size} × {config.accum_steps} accumulation step(s)"
-        )
     precision = _precision(config, world.device.type == "cuda")
     output = training.output_location(config, config.output)
     storage.check_reachable(output)

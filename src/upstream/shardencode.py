@@ -39,8 +39,6 @@ RAW_KEYS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
 DECODE_ERRORS = (BadImage, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 #: Longest reason kept for a skipped image.
 MAX_REASON = 300
-#: Positions per worker task, at most: small enough that the last tasks end together.
-MAX_CHUNK = 32
 
 
 @dataclass(frozen=True)
