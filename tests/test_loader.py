@@ -700,3 +700,17 @@ def test_skips_follow_the_dataloader_round_robin() -> None:
     assert loader.skips_per_worker([3, 3], 3) == [2, 1]
     assert loader.skips_per_worker([1, 3], 3) == [1, 2]  # worker 0 done after its one batch
     assert loader.skips_per_worker([2, 2, 2], 0) == [0, 0, 0]
+
+
+def test_tokenizer_runs_in_the_readers(shards: Path) -> None:
+    """With a tokenizer, batches carry token rows made from the captions by the workers."""
+    from upstream import models
+
+    tok = models.tokenizer("upstream-tiny-rn")
+    for workers in (0, 2):
+        plain = collect(loader.stream(str(shards), batch_size=4, shuffle_seed=3,
+                                      num_workers=workers))
+        s = loader.stream(str(shards), batch_size=4, shuffle_seed=3, tokenizer=tok,
+                          num_workers=workers)
+        tokens = torch.cat([t for _, _, t in s])
+        assert torch.equal(tokens, tok(plain[2]))

@@ -115,3 +115,16 @@ def test_optimizer_decays_weights_only() -> None:
     assert id(visual.conv1.weight) in decay
     assert id(visual.bn1.weight) in no_decay and id(visual.attnpool.c_proj.bias) in no_decay
     assert len(no_decay) + len(decay) == len(list(net.parameters()))
+
+
+def test_cached_tokenizer_gives_open_clips_rows() -> None:
+    import open_clip
+
+    raw = open_clip.get_tokenizer("upstream-tiny-rn")
+    cached = models.tokenizer("upstream-tiny-rn")
+    captions = ["a photo of a dog.", "x", "a photo of a dog.", "long " * 100, ""]
+    assert torch.equal(cached(captions), raw(captions))
+    assert len(cached.cache) == 4
+    assert torch.equal(cached(captions[::-1]), raw(captions[::-1]))  # from the cache
+    small = models.CachedTokenizer(raw, size=2)
+    assert torch.equal(small(captions), raw(captions)) and len(small.cache) <= 4

@@ -474,6 +474,7 @@ class _Settings:
     shuffle_buffer: int
     transform: Transform
     with_captions: bool
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = None
 
     def plan(self, epoch: int) -> Plan:
         return plan_epoch(
@@ -614,9 +615,11 @@ class _Reader(torch.utils.data.IterableDataset):
                 if before is not None:
                     img = before(img)
                 scale = fused and isinstance(img, Image.Image) and img.mode == "RGB"
-                # ToTensor's work done into the batch (below): PIL's bands are already the
-                # CHW planes, so no HWC → CHW transpose, the costliest part of ToTensor.
-                x = _planes(img) if scale else last(img)
+                # ToTensor's work done into the batch (below). A large image goes band by
+                # band (PIL's bands are the CHW planes: no HWC → CHW transpose, ToTensor's
+                # costliest part); a small one in one strided pass (fewer calls).
+                x = (_planes(img) if img.width * img.height > _PLANES_ABOVE
+                     else torch.from_numpy(np.array(img)).permute(2, 0, 1)) if scale else last(img)
             except UpstreamError:
                 raise
             except Exception as e:
@@ -636,10 +639,13 @@ class _Reader(torch.utils.data.IterableDataset):
                     f"earlier one {tuple(images.shape[1:])}; a batch needs one size (crop or "
                     "resize to a fixed size)"
                 )
-            if scale:  # uint8 → float, then / 255 in place: the numbers ToTensor gives
+            if scale:  # uint8 → float / 255: the numbers ToTensor gives
                 row = images[len(labels)]
-                row.copy_(x)
-                row.div_(255)
+                if x.is_contiguous():
+                    row.copy_(x)
+                    row.div_(255)
+                else:
+                    torch.div(x, 255, out=row)
             else:
                 images[len(labels)].copy_(x)
             labels.append(_label(sample))
@@ -647,7 +653,8 @@ class _Reader(torch.utils.data.IterableDataset):
             if len(labels) == size:
                 if rng_saved is not None:
                     torch.set_rng_state(rng_saved)
-                yield worker, slot, images, torch.tensor(labels, dtype=torch.long), captions
+                yield (worker, slot, images, torch.tensor(labels, dtype=torch.long),
+                       self._text(captions))
                 slot, images, labels, captions = -1, None, [], []
                 done += 1
                 if quota is not None and done == quota:
@@ -656,7 +663,15 @@ class _Reader(torch.utils.data.IterableDataset):
             torch.set_rng_state(rng_saved)
         if labels and not st.drop_last and images is not None:
             yield (worker, slot, images[: len(labels)], torch.tensor(labels, dtype=torch.long),
-                   captions)
+                   self._text(captions))
+
+    def _text(self, captions: list[str]) -> Any:
+        tokenizer = self.settings.tokenizer
+        return captions if tokenizer is None else tokenizer(captions)
+
+
+#: Pixels above which an image is converted band by band (measured: faster from ~112² on).
+_PLANES_ABOVE = 112 * 112
 
 
 def _planes(img: Image.Image) -> torch.Tensor:
@@ -714,7 +729,9 @@ class Stream:
     same count (see the module notes); every rank must use the same ``batch_size``,
     ``num_workers`` and ``drop_last``, as DDP ranks do. ``rank`` and ``world_size`` default to
     ``torch.distributed``'s. ``transform`` maps a PIL RGB image to a tensor of one fixed shape
-    (default: :func:`to_tensor`). Captions are empty strings unless ``with_captions``.
+    (default: :func:`to_tensor`). Captions are empty strings unless ``with_captions``; with a
+    ``tokenizer`` (captions → token tensor, e.g. open_clip's), each batch carries the tokens
+    instead, made in the data workers rather than the training process.
 
     DataLoader workers start at the first iteration and stay for the next epochs (reusing
     their batch buffers); :meth:`close` (or dropping the stream) stops them.
@@ -729,6 +746,7 @@ class Stream:
         epoch: int = 0,
         transform: Transform | None = None,
         with_captions: bool = True,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         drop_last: bool = False,
@@ -776,6 +794,7 @@ class Stream:
             shuffle_buffer=shuffle_buffer,
             transform=transform or to_tensor,
             with_captions=with_captions,
+            tokenizer=tokenizer,
         )
         self.num_workers = num_workers
         # [epoch, batches to skip per worker...]: read by persistent workers at each epoch.

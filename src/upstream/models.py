@@ -359,10 +359,32 @@ class PretrainModel(nn.Module):
         self.projection = projection
 
 
-def tokenizer(name: str) -> Any:
+def tokenizer(name: str) -> CachedTokenizer:
     """open_clip's tokenizer for ``name`` (a callable: list of captions → token tensor)."""
     with _quiet_open_clip():
-        return open_clip.get_tokenizer(validate_model_name(name))
+        return CachedTokenizer(open_clip.get_tokenizer(validate_model_name(name)))
+
+
+class CachedTokenizer:
+    """A tokenizer that remembers the captions it has seen (the last ``size`` distinct ones).
+
+    open_clip's BPE tokenizer costs ~80 µs a caption here (ftfy, regex, BPE), as much as
+    decoding a small image; templated captions ("a photo of a {label}.") repeat endlessly, so
+    each is tokenized once. Each caption is tokenized on its own, as in a batch: the same rows.
+    """
+
+    def __init__(self, tokenize: Any, size: int = 65536) -> None:
+        self.tokenize = tokenize
+        self.size = size
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            if len(self.cache) + len(missing) > self.size:
+                self.cache.clear()
+            self.cache.update(zip(missing, self.tokenize(missing), strict=True))
+        return torch.stack([self.cache[c] for c in captions])
 
 
 # A throwaway vision config for open_clip's CLIP class when the real tower is torchvision's.

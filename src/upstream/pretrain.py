@@ -312,6 +312,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         projection_hidden=config.projection_hidden, projection_out=config.projection_dim,
     )
     image_size = net.encoder.image_size
+    tokenizer = models.tokenizer(config.model) if config.method == "clip" else None
     per_rank = config.batch_size // world.size
     micro = per_rank // config.accum_steps
     stream = loader.Stream(
@@ -321,6 +322,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         epoch=0,
         transform=_transform(config, image_size),
         with_captions=config.method == "clip",
+        # Captions become tokens in the data workers, off the training process.
+        tokenizer=tokenizer,
         num_workers=config.num_workers,
         # Every step sees full batches: a short one gives a contrastive loss fewer negatives
         # (a lower, incomparable loss) and the schedule a step of another size.
@@ -342,7 +345,6 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     net = net.to(world.device)
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    tokenizer = models.tokenizer(config.model) if config.method == "clip" else None
     optimizer = training.make_optimizer(
         net, config.lr, config.weight_decay, vit=models.tower_is_vit(config.model)
     )
@@ -450,12 +452,12 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
                     stream.set_epoch(epoch)
                     batches = iter(stream)
                     batch = next(batches, None)
-                images, labels, captions = batch
+                images, labels, tokens = batch
                 images = images.to(world.device, non_blocking=True)
                 if config.channels_last and images.dim() == 4:
                     images = images.contiguous(memory_format=torch.channels_last)
                 labels = labels.to(world.device, non_blocking=True)
-                tokens = (tokenizer(list(captions)).to(world.device, non_blocking=True)
+                tokens = (tokens.to(world.device, non_blocking=True)
                           if tokenizer is not None else None)
                 waited += time.perf_counter() - t_wait
                 position += 1
