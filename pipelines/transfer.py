@@ -22,6 +22,7 @@ from upstream.components.stages import (
     pretrain_op,
     shard_op,
 )
+from upstream.errors import UpstreamError
 from upstream.evaluate import EvaluateConfig
 from upstream.finetune import FinetuneConfig
 from upstream.pretrain import PretrainConfig
@@ -80,6 +81,10 @@ PARAMS: list[Param] = [
     Param.from_field(ShardConfig, "severity", "ood_severity"),
     *[Param.from_field(ShardConfig, f, name) for f, name in SHARED_DATA.items()],
     *[p for p in knob_params(PretrainConfig, "pretrain_") if p.name != "pretrain_experiment"],
+    Param("pretrain_gpus", int, 0, "GPUs the pretrain pod requests (0: none); set "
+          "pretrain_procs_per_node to the same number to train on all of them."),
+    Param("pretrain_accelerator", str, "nvidia.com/gpu",
+          "Kubernetes resource name of those GPUs."),
     *[p for p in knob_params(FinetuneConfig, "finetune_") if p.name != "finetune_experiment"],
     *[p for p in knob_params(EvaluateConfig, "evaluate_") if p.name != "evaluate_experiment"],
 ]
@@ -131,6 +136,11 @@ def _build(p: Any) -> Any:
         run_group=group,
         **_stage_args(p, "pretrain_", PretrainConfig),
     ).set_display_name("pretrain")
+    # torchrun runs inside this one pod, over its GPUs; DataLoader workers pass batches through
+    # /dev/shm, which a container gets only 64 MB of unless given a memory-backed volume.
+    pretrained.set_accelerator_type(p.pretrain_accelerator).set_accelerator_limit(p.pretrain_gpus)
+    kubernetes.empty_dir_mount(pretrained, volume_name="dshm", mount_path="/dev/shm",
+                               medium="Memory")
     finetuned = finetune_op(
         pretrained=pretrained.outputs["checkpoint"],
         data=train_data.outputs["dataset"],
@@ -169,6 +179,9 @@ def stage_configs(values: dict[str, Any]) -> list[Any]:
     one-line error naming the parameter instead of a failed pipeline step minutes later.
     """
     v = {p.name: p.default for p in PARAMS} | values
+    if not isinstance(v["pretrain_gpus"], int) or v["pretrain_gpus"] < 0:
+        raise UpstreamError(f"invalid pretrain_gpus: must be an integer ≥ 0 "
+                            f"(got {v['pretrain_gpus']!r})")
     data = {f: v[name] for f, name in SHARED_DATA.items()} | {"experiment": v["experiment"]}
     shards = [
         ShardConfig.parse(split="train",

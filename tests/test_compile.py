@@ -32,3 +32,22 @@ def test_image_can_be_chosen_at_compile_time(tmp_path: Path) -> None:
     text = (tmp_path / "transfer.yaml").read_text()
     assert "image: registry.example/team/upstream:dev" in text
     assert "ghcr.io/upstream-ml/upstream" not in text
+
+
+def test_pretrain_pod_gets_its_gpus_and_a_shared_memory_volume() -> None:
+    """The pretrain step asks for ``pretrain_gpus`` of ``pretrain_accelerator`` (run-time
+    parameters) and mounts a memory-backed /dev/shm for its DataLoader workers."""
+    import yaml
+
+    docs = list(yaml.safe_load_all((default_output_dir() / "transfer.yaml").read_text()))
+    executors = docs[0]["deploymentSpec"]["executors"]
+    accelerator = executors["exec-pretrain"]["container"]["resources"]["accelerator"]
+    assert "pretrain_gpus" in accelerator["resourceCount"]
+    assert "pretrain_accelerator" in accelerator["resourceType"]
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert platform["exec-pretrain"]["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}
+    ]
+    assert "emptyDirMounts" not in platform["exec-shard"]
+    inputs = docs[0]["root"]["inputDefinitions"]["parameters"]
+    assert inputs["pretrain_gpus"]["defaultValue"] == 0

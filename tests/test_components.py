@@ -78,6 +78,8 @@ def test_stage_configs_accept_defaults_and_name_bad_values() -> None:
         stage_configs("transfer", {"pretrain_lr": -0.1})
     with pytest.raises(UpstreamError, match="pretrain: invalid method"):
         stage_configs("transfer", {"pretrain_method": "moco"})
+    with pytest.raises(UpstreamError, match="invalid pretrain_gpus"):
+        stage_configs("transfer", {"pretrain_gpus": -1})
     with pytest.raises(UpstreamError, match="shard: invalid corruption"):
         stage_configs("transfer", {"ood_corruption": "fog"})
     with pytest.raises(UpstreamError, match="proportions must sum to 1"):
