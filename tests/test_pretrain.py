@@ -130,3 +130,24 @@ def test_missing_bucket_fails_fast(moto_s3: str, shapes_train: str, mlflow_store
         _pretrain(shapes_train, Path("unused"), output="s3://no-such-bucket/pt",
                   experiment="bad-bucket")
     assert mlflow_store.no_run_in("bad-bucket")
+
+
+def test_training_state_on_s3_resumes(moto_s3: str, shapes_train: str) -> None:
+    """State objects and the ``latest`` pointer live on S3 like everything else; a run whose
+    final checkpoint is gone resumes from the pointer and ends with the same weights."""
+    from upstream import storage, trainstate
+
+    out = f"s3://{moto_s3}/pt/state-run"
+    kw = dict(output=out, method="supervised", epochs=2, checkpoint_every=3)
+    first = _pretrain(shapes_train, Path("unused"), **kw)  # 8 steps: states at 3 and 6
+    state = trainstate.state_dir(out)
+    assert storage.read_bytes(f"{state}/latest") == b"step-00000006.pt"
+    assert sorted(storage.list_files(state)) == [
+        f"{state}/latest", f"{state}/step-00000003.pt", f"{state}/step-00000006.pt"]
+    storage.remove_file(first["checkpoint"])
+    again = _pretrain(shapes_train, Path("unused"), **kw)
+    assert again["resumed"] == f"{state}/step-00000006.pt" and again["steps"] == 8
+    a, b = (models.load_checkpoint(r["checkpoint"])["visual"] for r in (first, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Complete: a third call does nothing and says so.
+    assert _pretrain(shapes_train, Path("unused"), **kw)["resumed"] == "complete"
