@@ -354,7 +354,7 @@ def _train(
             correct += (logits.argmax(1) == target).sum().item()
         metrics.add(epoch, ft_loss=loss_sum / n, ft_train_accuracy=correct / n,
                     ft_lr=optimizer.param_groups[0]["lr"])
-    metrics.flush()
+    metrics.close()
     model.eval()
     _log_loss_curve(step_losses, config)
     return {"final_loss": loss_sum / n, "train_accuracy": correct / n}

@@ -45,6 +45,7 @@ Decisions the issue leaves open:
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import itertools
 import json
@@ -223,6 +224,47 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         raise UpstreamError(f"cannot decode image {where}: {e}") from None
 
 
+#: torchvision's ``ImageReadMode.RGB``.
+_RGB = 3
+
+
+@functools.cache
+def _native_decoder() -> Callable[..., torch.Tensor] | None:
+    """torchvision's image-decoding op, or None where it is missing (PIL decodes then).
+
+    The op itself rather than ``torchvision.io.decode_image``: that wrapper adds ~8 µs a call
+    (API-usage logging, a deprecation warning: torchvision 0.29 deprecates its decoders in
+    favour of TorchCodec, a dependency upstream does not take on for this). Same numbers.
+    """
+    try:
+        import torchvision.io  # noqa: F401 - loads the image extension that registers the op
+
+        return torch.ops.image.decode_image  # type: ignore[no-any-return]
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def decode_chw(data: bytes, where: str) -> torch.Tensor:
+    """Image bytes → an RGB uint8 CHW tensor: the pixels :func:`decode_image` and
+    :func:`to_tensor` give, without a PIL image in between.
+
+    torchvision's decoders (libpng, libjpeg-turbo, libwebp, as PIL's) give the same numbers
+    as PIL's ``convert("RGB")`` for 8-bit PNG (grey, palette, alpha), JPEG (grey, CMYK) and
+    WebP, at about half the CPU for small images; anything they refuse or give as more than
+    8 bits (16-bit PNG) goes through PIL, and so do its errors.
+    """
+    decode = _native_decoder()
+    x = None
+    if decode is not None:
+        try:
+            x = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), _RGB, False)
+        except Exception:  # noqa: BLE001 - PIL decides, and names the problem
+            x = None
+    if x is None or x.dtype != torch.uint8 or x.dim() != 3 or x.shape[0] != 3:
+        return torch.from_numpy(np.array(decode_image(data, where))).permute(2, 0, 1)
+    return x
+
+
 def _image_bytes(sample: Sample) -> bytes | None:
     for key in IMAGE_KEYS:
         if key in sample:
@@ -284,7 +326,9 @@ def load_split(
     images, labels, captions = [], [], []
     for i in chosen:
         s = samples[i]
-        images.append(transform(decode_image(_image_bytes(s) or b"", _where(s))))
+        data = _image_bytes(s) or b""
+        images.append(decode_chw(data, _where(s)).float().div_(255) if transform is to_tensor
+                      else transform(decode_image(data, _where(s))))
         labels.append(_label(s))
         captions.append(_caption(s))
     if not images:
@@ -492,12 +536,16 @@ class _Settings:
 
 
 class _Reader(torch.utils.data.IterableDataset):
-    """One rank's epoch as ``(slot, images, labels, captions)`` items, per DataLoader worker.
+    """One rank's epoch as ``(worker, slot, images, rows, labels, text)`` items, per
+    DataLoader worker.
 
     The epoch is read from ``epoch_box`` (shared memory) at each iteration, so that persistent
     workers follow :meth:`Stream.set_epoch`. ``slot`` is the index of the reused buffer that
-    holds ``images`` (-1 for a fresh one); the consumer sets ``flags[slot]`` back to free once
-    nothing references the batch any more.
+    holds the batch's ``rows`` images (-1 for a fresh one, sent as ``images``); the consumer
+    sets ``flags[slot]`` back to free once nothing references the batch any more. A slot's
+    buffer is sent once, the first time it is filled (``images`` is None afterwards): the
+    consumer keeps it mapped, rather than receiving it anew, a descriptor over a socket, with
+    every batch.
     """
 
     def __init__(
@@ -509,6 +557,7 @@ class _Reader(torch.utils.data.IterableDataset):
         self.flags = flags
         # Per worker: buffers kept across epochs (the worker's own copy of this object).
         self.pool: list[torch.Tensor | None] = [None] * SLOTS_PER_WORKER
+        self.sent = [False] * SLOTS_PER_WORKER  # the consumer has that buffer already
 
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
@@ -564,14 +613,16 @@ class _Reader(torch.utils.data.IterableDataset):
     ) -> tuple[int, torch.Tensor]:
         shape = (self.settings.batch_size, *item_shape)
         if self.flags is not None:
+            flags = self.flags.numpy()  # numpy's item access: ~50× cheaper than a tensor's
             base = worker * SLOTS_PER_WORKER
             for k in range(SLOTS_PER_WORKER):
-                if self.flags[base + k] != _FREE:
+                if flags[base + k] != _FREE:
                     continue
                 slot = self.pool[k]
                 if slot is None or slot.shape != shape or slot.dtype != dtype:
                     slot = self.pool[k] = _shared_empty(shape, dtype)
-                self.flags[base + k] = _BUSY
+                    self.sent[k] = False
+                flags[base + k] = _BUSY
                 return base + k, slot
             # All in use (the consumer keeps batches): a fresh one, in shared memory already,
             # as torch's default_collate does, so that it travels without a copy.
@@ -580,12 +631,14 @@ class _Reader(torch.utils.data.IterableDataset):
 
     def _batches(
         self, worker: int, epoch: int, plan: Plan, skip: int = 0
-    ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, list[str]]]:
+    ) -> Iterator[tuple[int, int, torch.Tensor, np.ndarray, Any]]:
         st = self.settings
         quota = plan.batches[worker] if st.resampled else None
         if quota == 0:
             return
         before, last, fused = _split_to_tensor(st.transform)
+        direct = fused and before is None
+        stage: torch.Tensor | None = None  # uint8 pixels of the batch being filled (direct)
         float_dtype = torch.get_default_dtype()
         size = st.batch_size
         slot, images = -1, None
@@ -603,7 +656,7 @@ class _Reader(torch.utils.data.IterableDataset):
                 return
         rng_saved: torch.Tensor | None = None
         for sample in samples:
-            if not labels and st.shuffle_seed is not None:
+            if not labels and st.shuffle_seed is not None and not direct:
                 # Random transforms draw from torch's generator, seeded per batch: a batch is
                 # transformed the same way whether its epoch started at batch 0 or resumed
                 # later. In-process, the training's own generator is restored after it.
@@ -614,6 +667,31 @@ class _Reader(torch.utils.data.IterableDataset):
                     _seed(st.shuffle_seed, epoch, st.rank, worker, done, _AUGMENT)
                 )
             where = _where(sample)
+            if direct:
+                # The stored image as it is: decoded to uint8 CHW into a staging batch, which
+                # becomes floats in one pass when full (below).
+                x = decode_chw(_image_bytes(sample) or b"", where)
+                if stage is None or stage.shape[1:] != x.shape:
+                    if labels:
+                        raise UpstreamError(
+                            f"sample {where} has the shape {tuple(x.shape)} but an earlier one "
+                            f"{tuple(stage.shape[1:]) if stage is not None else ()}; a batch "
+                            "needs one size (crop or resize to a fixed size)"
+                        )
+                    stage = torch.empty((size, *x.shape), dtype=torch.uint8)
+                if images is None:
+                    slot, images = self._buffer(worker, tuple(x.shape), float_dtype)
+                stage[len(labels)].copy_(x)
+                labels.append(_label(sample))
+                captions.append(_caption(sample) if st.with_captions else "")
+                if len(labels) == size:
+                    torch.div(stage, 255, out=images)
+                    yield self._item(worker, slot, images, labels, captions)
+                    slot, images, labels, captions = -1, None, [], []
+                    done += 1
+                    if quota is not None and done == quota:
+                        return
+                continue
             try:
                 img: Any = decode_image(_image_bytes(sample) or b"", where)
                 if before is not None:
@@ -657,8 +735,7 @@ class _Reader(torch.utils.data.IterableDataset):
             if len(labels) == size:
                 if rng_saved is not None:
                     torch.set_rng_state(rng_saved)
-                yield (worker, slot, images, torch.tensor(labels, dtype=torch.long),
-                       self._text(captions))
+                yield self._item(worker, slot, images, labels, captions)
                 slot, images, labels, captions = -1, None, [], []
                 done += 1
                 if quota is not None and done == quota:
@@ -666,12 +743,25 @@ class _Reader(torch.utils.data.IterableDataset):
         if rng_saved is not None:
             torch.set_rng_state(rng_saved)
         if labels and not st.drop_last and images is not None:
-            yield (worker, slot, images[: len(labels)], torch.tensor(labels, dtype=torch.long),
-                   self._text(captions))
+            if direct and stage is not None:
+                torch.div(stage[: len(labels)], 255, out=images[: len(labels)])
+            yield self._item(worker, slot, images, labels, captions)
 
-    def _text(self, captions: list[str]) -> Any:
+    def _item(
+        self, worker: int, slot: int, images: torch.Tensor, labels: list[int],
+        captions: list[str],
+    ) -> tuple[int, int, torch.Tensor | None, int, np.ndarray, Any]:
+        """What a worker sends (see the class). Labels and tokens go as numpy arrays, which
+        travel pickled by value: a tensor travels as a new shared-memory segment whose
+        descriptor is passed over a socket, ~0.5 ms of the consumer's time each."""
         tokenizer = self.settings.tokenizer
-        return captions if tokenizer is None else tokenizer(captions)
+        text = captions if tokenizer is None else tokenizer(captions).numpy()
+        rows = len(labels)
+        sent: torch.Tensor | None = images if slot >= 0 else images[:rows]
+        if slot >= 0:
+            k = slot % SLOTS_PER_WORKER
+            sent, self.sent[k] = (None if self.sent[k] else images), True
+        return worker, slot, sent, rows, np.asarray(labels, dtype=np.int64), text
 
 
 #: Pixels above which an image is converted band by band (measured: faster from ~112² on).
@@ -705,6 +795,12 @@ def _split_to_tensor(
         steps = transform.transforms[:-1]
         return (tv.Compose(steps) if steps else None), transform.transforms[-1], True
     return None, transform, False
+
+
+def _alias(buffer: torch.Tensor) -> torch.Tensor:
+    """A tensor over ``buffer``'s memory with a storage of its own (that keeps ``buffer``)."""
+    raw = buffer.view(-1).view(torch.uint8).numpy()
+    return torch.frombuffer(raw, dtype=torch.uint8).view(buffer.dtype).view(buffer.shape)
 
 
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -811,6 +907,7 @@ class Stream:
         self._reader = _Reader(self.settings, self._epoch_box, self._flags)
         self._loader: torch.utils.data.DataLoader[Any] | None = None
         self._held: dict[int, Any] = {}  # slot → StorageWeakRef of the batch handed out
+        self._slots: dict[int, torch.Tensor] = {}  # slot → its buffer, as the workers sent it
         self.set_epoch(epoch)
         readers = max(1, num_workers) * world_size
         if not resampled and readers > 1 and len(urls) < SHARDS_PER_READER * readers:
@@ -883,14 +980,16 @@ class Stream:
                     worker_init_fn=_WorkerInit(storage.is_s3(self.uri)),
                     persistent_workers=True,
                 )
+                self._slots.clear()  # new workers, new buffers
             # Buffers not held by the consumer are free again: a batch that a previous,
             # abandoned iteration filled but never handed out is discarded when the
             # DataLoader restarts its workers' iteration (below), before they fill new ones.
             assert self._flags is not None
             self._release_dropped()
-            for slot in range(len(self._flags)):
+            flags = self._flags.numpy()
+            for slot in range(len(flags)):
                 if slot not in self._held:
-                    self._flags[slot] = _FREE
+                    flags[slot] = _FREE
             source = iter(self._loader)
         yield from self._deliver(source)
 
@@ -898,7 +997,7 @@ class Stream:
         for slot, ref in list(self._held.items()):
             if ref.expired():  # the consumer dropped that batch: its worker may reuse it
                 assert self._flags is not None
-                self._flags[slot] = _FREE
+                self._flags.numpy()[slot] = _FREE
                 del self._held[slot]
 
     def _deliver(self, source: Iterator[Any]) -> Iterator[Batch]:
@@ -922,9 +1021,19 @@ class Stream:
                 if isinstance(item, _Failure):
                     raise UpstreamError(str(item))
                 waiting[item[0]].append(item)
-            _, slot, images, labels, captions = waiting[worker].popleft()
+            _, slot, sent, rows, label_array, text = waiting[worker].popleft()
+            labels = torch.from_numpy(label_array)
+            captions = torch.from_numpy(text) if isinstance(text, np.ndarray) else text
             if slot >= 0:
+                if sent is not None:
+                    self._slots[slot] = sent
+                # A storage of its own over the slot's memory: it dies when the consumer drops
+                # the batch (whatever views it made), while the slot stays mapped here.
+                images = _alias(self._slots[slot])[:rows]
                 self._held[slot] = StorageWeakRef(images.untyped_storage())
+            else:
+                assert sent is not None
+                images = sent
             batch = (images, labels, captions)
             del images, labels, captions
             yield batch

@@ -431,8 +431,11 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         bar = _progress(world.is_main, total_steps, step, config.method)
         batches: Any = None
         micro_done = 0
+        # A step's time runs from the end of the previous one: the logging between steps
+        # counts (in the next step's time), checkpoint saves do not.
+        t_mark = time.perf_counter()
         while step < total_steps:
-            t_step = time.perf_counter()
+            t_step = t_mark
             waited = 0.0
             # Per-step seeds: the random numbers of step k do not depend on how the run got
             # there (resumed or not), on any rank.
@@ -491,7 +494,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
                     net.clip.logit_scale.clamp_(0, math.log(100))
             scheduler.step()
             step += 1
-            elapsed = time.perf_counter() - t_step
+            t_mark = time.perf_counter()
+            elapsed = t_mark - t_step
             timings.append((config.batch_size, elapsed, waited))
             history["step"].append(step - 1)
             history["loss"].append(value)
@@ -505,10 +509,11 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
                 step < total_steps
             ):
                 save_state()
+                t_mark = time.perf_counter()
         bar.close()
         stream.close()
         if metrics is not None:
-            metrics.flush()
+            metrics.close()
         steady = timings[1:] or timings  # the first step pays one-off costs
         throughput = sum(n for n, _, _ in steady) / max(1e-9, sum(t for _, t, _ in steady))
         wait_share = sum(w for _, _, w in steady) / max(1e-9, sum(t for _, t, _ in steady))

@@ -10,8 +10,10 @@ is read, so that a whole shard can be checked against its manifest entry at the 
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Iterator
 from typing import IO
+from zlib import adler32
 
 
 class TarError(Exception):
@@ -64,6 +66,14 @@ class Blocks:
             have += len(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def skip(self, n: int) -> int:
+        """Pass over ``n`` bytes (hashed all the same); how many there were."""
+        end = self.pos + n
+        if end <= len(self.view):
+            self.pos = end
+            return n
+        return len(self.take(n))
+
     def rest_is_zeros(self) -> bool:
         rest = self.view[self.pos :]
         if bytes(rest).count(0) != len(rest):
@@ -73,6 +83,11 @@ class Blocks:
             if data.count(0) != len(data):
                 return False
         return True
+
+
+#: A ustar header's fields that this reader uses, in one call: name, size, checksum, type,
+#: magic, the first byte of the name prefix.
+_FIELDS = struct.Struct("100s24x12s12x8sc100x5s83xc166x").unpack
 
 
 def _octal(field: bytes) -> int:
@@ -105,7 +120,7 @@ class TarMembers:
         self.member: str | None = None
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
-        take = self.blocks.take
+        take, skip = self.blocks.take, self.blocks.skip
         next_name: str | None = None  # from a GNU long-name or pax header before the member
         while True:
             self.member = None
@@ -118,30 +133,35 @@ class TarMembers:
                 if not self.blocks.rest_is_zeros():
                     raise TarError("data follows its end-of-archive marker (a corrupt header?)")
                 return
+            raw_name, raw_size, raw_sum, kind, magic, has_prefix = _FIELDS(header)
             try:
-                stored = _octal(header[148:156])
-                size = _octal(header[124:136])
+                stored = _octal(raw_sum)
+                size = _octal(raw_size)
             except ValueError:
                 raise TarError("an unreadable tar header") from None
             # The sum of the header's bytes with the checksum field as spaces; some old tars
             # summed signed chars, and tarfile accepts both, so this reader does too.
-            if stored != sum(header) - sum(header[148:156]) + 8 * 32 and stored != sum(
+            # Adler-32's low half is 1 + that sum mod 65521, at C speed (a Python sum over
+            # 512 bytes was a fifth of this reader's time). Sums that agree mod 65521 but
+            # differ need errors adding up to a multiple of it (one byte changes the sum by
+            # at most 255); the shard's sha256, checked at its end, catches those too.
+            if (adler32(header) & 0xFFFF) != (1 + stored + sum(raw_sum) - 8 * 32) % 65521 and (
+                stored != sum(
                 b - 256 if b >= 128 else b for b in header[:148] + b" " * 8 + header[156:]
-            ):
+            )):
                 raise TarError("a tar header with a wrong checksum")
             name = next_name
             if name is None:
-                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                if header[257:262] == b"ustar" and header[345] != 0:
+                name = raw_name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if magic == b"ustar" and has_prefix != b"\0":
                     prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                     name = f"{prefix}/{name}"
             next_name = None
             self.member = name
             data = take(size)
             padding = -size % _BLOCK
-            if len(data) < size or len(take(padding)) < padding:
+            if len(data) < size or skip(padding) < padding:
                 raise TarError("it ends inside a member")
-            kind = header[156:157]
             if kind == b"L":
                 next_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             elif kind == b"x":

@@ -96,10 +96,13 @@ def check_finite(loss: torch.Tensor, step: int, lr: float) -> None:
 
 
 class MetricLog:
-    """Per-step metrics for the active MLflow run, sent in batches.
+    """Per-step metrics for the active MLflow run, sent in batches, in the background.
 
     One ``log_metrics`` call per step is a database write per step (tens of ms against a
-    server); batching keeps every step's value while costing one write per ``every`` steps.
+    server); batching keeps every step's value while costing one write per ``every`` steps,
+    and MLflow's asynchronous logging keeps even that write off the training loop.
+    :meth:`close` sends the rest and waits until everything is stored (and raises what
+    failed).
     """
 
     def __init__(self, run_id: str, every: int = 50):
@@ -109,6 +112,7 @@ class MetricLog:
         self.run_id = run_id
         self.every = every
         self.pending: list[Any] = []
+        self.sending: list[Any] = []  # MLflow's futures of the batches sent
 
     def add(self, step: int, **values: float) -> None:
         from mlflow.entities import Metric
@@ -119,7 +123,17 @@ class MetricLog:
             self.flush()
 
     def flush(self) -> None:
+        """Send what is pending (without waiting for it to be stored)."""
         # log_batch takes at most 1000 metrics per call.
         for i in range(0, len(self.pending), 1000):
-            self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
+            self.sending.append(self.client.log_batch(
+                self.run_id, metrics=self.pending[i : i + 1000], synchronous=False
+            ))
         self.pending = []
+
+    def close(self) -> None:
+        """Send the rest and wait until every batch is stored."""
+        self.flush()
+        sending, self.sending = self.sending, []
+        for future in sending:
+            future.wait()
