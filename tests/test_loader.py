@@ -714,3 +714,54 @@ def test_tokenizer_runs_in_the_readers(shards: Path) -> None:
                           num_workers=workers)
         tokens = torch.cat([t for _, _, t in s])
         assert torch.equal(tokens, tok(plain[2]))
+
+
+def _encoded(mode: str, fmt: str) -> bytes:
+    rng = np.random.default_rng(3)
+    rgb = Image.fromarray((rng.random((13, 21, 3)) * 255).astype(np.uint8))
+    image = (Image.fromarray((np.asarray(rgb)[..., 0].astype(np.uint16) * 250))
+             if mode == "I;16" else rgb.convert(mode))
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [
+    ("RGB", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("1", "PNG"),
+    ("I;16", "PNG"),  # 16 bits: torchvision gives uint16, so PIL decodes it
+    ("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "WEBP"),
+])
+def test_native_decoding_gives_the_numbers_of_pil(mode: str, fmt: str) -> None:
+    """The fast path (torchvision's decoder straight to CHW uint8) and PIL's
+    ``convert("RGB")`` + ToTensor give identical tensors, format by format."""
+    data = _encoded(mode, fmt)
+    fast = loader.decode_chw(data, "sample x")
+    assert fast.dtype == torch.uint8 and fast.shape == (3, 13, 21)
+    assert torch.equal(fast.float().div(255), loader.to_tensor(loader.decode_image(data, "x")))
+
+
+def test_native_decoding_of_bad_bytes_is_a_one_line_error() -> None:
+    with pytest.raises(UpstreamError, match=r"^cannot decode image 000007 in s3://b/s\.tar: "):
+        loader.decode_chw(b"\x89PNG\r\n\x1a\n not really", "000007 in s3://b/s.tar")
+
+
+def test_tar_headers_summed_as_signed_bytes_are_read() -> None:
+    """Some old tars sum the header as signed chars; tarfile reads them, and so does this
+    reader (its fast unsigned check fails on them, the signed one must pass)."""
+    from upstream.tarread import Blocks, TarMembers
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("é/000001.txt")  # bytes ≥ 128 in the name
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    data = bytearray(out.getvalue())
+    header = data[:512]
+    header[148:156] = b" " * 8
+    signed = sum(b - 256 if b >= 128 else b for b in header)
+    assert signed != sum(header)
+    data[148:156] = b"%06o\0 " % signed
+    assert list(TarMembers(Blocks(io.BytesIO(bytes(data))))) == [("é/000001.txt", b"hi")]
+    data[148:156] = b"%06o\0 " % (signed + 1)
+    with pytest.raises(Exception, match="wrong checksum"):
+        list(TarMembers(Blocks(io.BytesIO(bytes(data)))))
