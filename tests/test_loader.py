@@ -719,7 +719,7 @@ def test_tokenizer_runs_in_the_readers(shards: Path) -> None:
 def _encoded(mode: str, fmt: str) -> bytes:
     rng = np.random.default_rng(3)
     rgb = Image.fromarray((rng.random((13, 21, 3)) * 255).astype(np.uint8))
-    image = (Image.fromarray((np.asarray(rgb)[..., 0].astype(np.uint16) * 250))
+    image = (Image.fromarray(np.asarray(rgb)[..., 0].astype(np.uint16) * 250)
              if mode == "I;16" else rgb.convert(mode))
     out = io.BytesIO()
     image.save(out, format=fmt)
