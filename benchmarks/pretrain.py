@@ -17,13 +17,15 @@ the ratio is the median of the per-round ratios (the two runs of a round are sec
 under the same load from whatever else runs on the machine), the data-wait share the median
 of the rounds'. Prints the figures, then ``ratio step_vs_bare`` and ``ratio data_wait_share``.
 
-Where the time goes on 2 cores (measured): the step's compute keeps both cores busy with
-torch's intra-op threads. Decoding in the training process (``num_workers=0``) adds its time
-to every step (step/bare ≈ 0.89, 8–11% of a step waiting for data); a worker process takes
-the decoding off the step (≈ 3–4% waiting) but, when it runs, one intra-op thread is
-descheduled and the other waits for it at the next barrier, so the compute itself runs ~13%
-slower than bare (step/bare ≈ 0.85). Either way the ceiling here is the loader's CPU per
-sample (~70–110 µs for a 32 px PNG, tar reading and tokens included).
+Where the time goes on 2 cores (measured per step): the step's compute keeps both cores busy
+with torch's intra-op threads, and a steady step takes ~44 ms against bare's ~43 ms. What
+pulls the ratio to ~0.86 are transients that this 2,048-sample set repeats every 32 steps: the
+DataLoader worker restarting at each epoch (one step waits ~13 ms), then reading ahead to fill
+its shuffle buffer (3.1 ms of CPU a batch for ~14 batches, against 1.2 ms later), which slows
+each of those steps by ~8 ms: the worker preempts one intra-op thread and the other waits for
+it at the next barrier; and the MLflow server storing a batch of metrics every 50 steps (one
+step ~30 ms slower). The loader's CPU is ~32 µs per 32-px sample (tar reading, PNG decoding,
+tokens), ~4 µs more from S3.
 """
 
 from __future__ import annotations
