@@ -18,14 +18,13 @@ under the same load from whatever else runs on the machine), the data-wait share
 of the rounds'. Prints the figures, then ``ratio step_vs_bare`` and ``ratio data_wait_share``.
 
 Where the time goes on 2 cores (measured per step): the step's compute keeps both cores busy
-with torch's intra-op threads, and a steady step takes ~44 ms against bare's ~43 ms. What
-pulls the ratio to ~0.86 are transients that this 2,048-sample set repeats every 32 steps: the
-DataLoader worker restarting at each epoch (one step waits ~13 ms), then reading ahead to fill
-its shuffle buffer (3.1 ms of CPU a batch for ~14 batches, against 1.2 ms later), which slows
-each of those steps by ~8 ms: the worker preempts one intra-op thread and the other waits for
-it at the next barrier; and the MLflow server storing a batch of metrics every 50 steps (one
-step ~30 ms slower). The loader's CPU is ~32 µs per 32-px sample (tar reading, PNG decoding,
-tokens), ~4 µs more from S3.
+with torch's intra-op threads, and many steady steps take 44-45 ms against bare's ~43 ms.
+What pulls the ratio to 0.85-0.88: stretches in which the DataLoader worker gets no CPU while
+a step computes and makes each batch only once the training loop blocks for it (~3 ms a step
+until it gets ahead again), and the MLflow server storing a batch of metrics every 50 steps
+(one step ~35 ms slower). Reading in the training process (``num_workers=0``) gives ~0.90 but
+waits ~10% of every step. The loader's CPU is ~33 us per 32-px sample (tar reading, PNG
+decoding, tokens), a few us more from S3.
 """
 
 from __future__ import annotations

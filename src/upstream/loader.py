@@ -39,7 +39,13 @@ Decisions the issue leaves open:
   batch, instead of a fresh shared-memory segment per batch as torch's default collation
   makes: on small VMs the page faults of fresh memory cost as much as decoding the images. A
   transform that ends in ToTensor finishes straight into the batch buffer. Raw samples are
-  shuffled before decoding, so each image is decoded once.
+  shuffled before decoding, so each image is decoded once. The images as stored (the default
+  transform) are decoded by torchvision's op straight to uint8 CHW (:func:`decode_chw`) and
+  a whole batch made floats at once. A worker sends a reused buffer once; later batches in
+  it only name their slot, and labels and tokens travel by value.
+- **Training loops** read with :meth:`Stream.epochs`: workers run on from one epoch into the
+  next, with no restart at the boundary, and the next epoch's shuffle buffer fills while this
+  one drains.
 """
 
 from __future__ import annotations
@@ -535,6 +541,50 @@ class _Settings:
         )
 
 
+class _EpochSamples:
+    """One epoch's samples for :meth:`Stream.epochs`, shuffled through a buffer that is filled
+    with the epoch's first ``size`` samples and then swaps one in for each one out.
+
+    The order depends only on the raw order and ``rng``, not on when the reading happens,
+    which lets the previous epoch fill this buffer while it drains its own (``upcoming``):
+    one raw sample read per sample given, at epoch boundaries too, instead of a burst of
+    reading at each epoch's start.
+    """
+
+    def __init__(self, raw: Iterator[Sample], size: int, rng: random.Random | None) -> None:
+        self.raw, self.size, self.rng = raw, size, rng
+        self.buf: list[Sample] = []
+        self.exhausted = False
+        self.upcoming: _EpochSamples | None = None
+
+    def read_one(self) -> None:
+        """Read one more raw sample into the buffer, if it has room and the epoch has any."""
+        if self.exhausted or len(self.buf) >= self.size:
+            return
+        sample = next(self.raw, None)
+        if sample is None:
+            self.exhausted = True
+        else:
+            self.buf.append(sample)
+
+    def __iter__(self) -> Iterator[Sample]:
+        if self.rng is None:  # unshuffled: the raw order, no buffer
+            yield from self.raw
+            return
+        while not self.exhausted and len(self.buf) < self.size:
+            self.read_one()
+        buf, rng = self.buf, self.rng
+        while buf:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            sample = buf.pop()
+            if not self.exhausted:
+                self.read_one()
+            elif self.upcoming is not None:
+                self.upcoming.read_one()
+            yield sample
+
+
 class _Reader(torch.utils.data.IterableDataset):
     """One rank's epoch as ``(worker, slot, images, rows, labels, text)`` items, per
     DataLoader worker.
@@ -562,12 +612,43 @@ class _Reader(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
+        return self._items(worker)
+
+    def _items(self, worker: int) -> Iterator[Any]:
         epoch = int(self.epoch_box[0])
-        skip = int(self.epoch_box[1 + worker])
+        continuous = bool(self.epoch_box[1])
+        skips = self.epoch_box[2:].tolist()
         try:
-            yield from self._batches(worker, epoch, self.settings.plan(epoch), skip)
+            if not continuous:
+                yield from self._batches(worker, epoch, self.settings.plan(epoch), skips[worker])
+                return
+            # Epoch after epoch without end. Every worker gives every epoch the same number of
+            # items (its batches, then markers), so that DataLoader's strict round robin
+            # never gets ahead of what the consumer needs by more than an epoch's imbalance.
+            upcoming: _EpochSamples | None = None
+            while True:
+                plan = self.settings.plan(epoch)
+                items = max(b - k for b, k in zip(plan.batches, skips, strict=True))
+                samples = upcoming or self._epoch_samples(worker, epoch, plan)
+                upcoming = self._epoch_samples(worker, epoch + 1, self.settings.plan(epoch + 1))
+                samples.upcoming = upcoming
+                given = 0
+                for item in self._batches(worker, epoch, plan, skips[worker], iter(samples)):
+                    given += 1
+                    yield item
+                for _ in range(items - given):
+                    yield (worker, epoch, -1, None, 0, None, None)  # a marker: no batch
+                epoch, skips = epoch + 1, [0] * len(skips)
         except UpstreamError as e:
             yield _Failure(str(e))
+
+    def _epoch_samples(self, worker: int, epoch: int, plan: Plan) -> _EpochSamples:
+        st = self.settings
+        raw = self._raw_samples(worker, epoch, plan)  # a generator: reads nothing yet
+        if st.shuffle_seed is None or st.shuffle_buffer <= 1:
+            return _EpochSamples(raw, 0, None)
+        rng = random.Random(_seed(st.shuffle_seed, epoch, st.rank, worker, _BUFFER))
+        return _EpochSamples(raw, st.shuffle_buffer, rng)
 
     def _raw_samples(self, worker: int, epoch: int, plan: Plan) -> Iterator[Sample]:
         st = self.settings
@@ -630,8 +711,9 @@ class _Reader(torch.utils.data.IterableDataset):
         return -1, torch.empty(shape, dtype=dtype)
 
     def _batches(
-        self, worker: int, epoch: int, plan: Plan, skip: int = 0
-    ) -> Iterator[tuple[int, int, torch.Tensor, np.ndarray, Any]]:
+        self, worker: int, epoch: int, plan: Plan, skip: int = 0,
+        shuffled: Iterator[Sample] | None = None,
+    ) -> Iterator[tuple[int, int, int, torch.Tensor | None, int, np.ndarray, Any]]:
         st = self.settings
         quota = plan.batches[worker] if st.resampled else None
         if quota == 0:
@@ -645,7 +727,8 @@ class _Reader(torch.utils.data.IterableDataset):
         labels: list[int] = []
         captions: list[str] = []
         done = 0
-        samples = self._shuffled(self._raw_samples(worker, epoch, plan), worker, epoch)
+        samples = shuffled if shuffled is not None else self._shuffled(
+            self._raw_samples(worker, epoch, plan), worker, epoch)
         # Skipped batches (a resumed epoch) are read and shuffled, not decoded: the samples
         # after them come out as in an epoch read from its start.
         for _ in range(skip):
@@ -686,7 +769,7 @@ class _Reader(torch.utils.data.IterableDataset):
                 captions.append(_caption(sample) if st.with_captions else "")
                 if len(labels) == size:
                     torch.div(stage, 255, out=images)
-                    yield self._item(worker, slot, images, labels, captions)
+                    yield self._item(worker, epoch, slot, images, labels, captions)
                     slot, images, labels, captions = -1, None, [], []
                     done += 1
                     if quota is not None and done == quota:
@@ -735,7 +818,7 @@ class _Reader(torch.utils.data.IterableDataset):
             if len(labels) == size:
                 if rng_saved is not None:
                     torch.set_rng_state(rng_saved)
-                yield self._item(worker, slot, images, labels, captions)
+                yield self._item(worker, epoch, slot, images, labels, captions)
                 slot, images, labels, captions = -1, None, [], []
                 done += 1
                 if quota is not None and done == quota:
@@ -745,12 +828,12 @@ class _Reader(torch.utils.data.IterableDataset):
         if labels and not st.drop_last and images is not None:
             if direct and stage is not None:
                 torch.div(stage[: len(labels)], 255, out=images[: len(labels)])
-            yield self._item(worker, slot, images, labels, captions)
+            yield self._item(worker, epoch, slot, images, labels, captions)
 
     def _item(
-        self, worker: int, slot: int, images: torch.Tensor, labels: list[int],
+        self, worker: int, epoch: int, slot: int, images: torch.Tensor, labels: list[int],
         captions: list[str],
-    ) -> tuple[int, int, torch.Tensor | None, int, np.ndarray, Any]:
+    ) -> tuple[int, int, int, torch.Tensor | None, int, np.ndarray, Any]:
         """What a worker sends (see the class). Labels and tokens go as numpy arrays, which
         travel pickled by value: a tensor travels as a new shared-memory segment whose
         descriptor is passed over a socket, ~0.5 ms of the consumer's time each."""
@@ -761,7 +844,7 @@ class _Reader(torch.utils.data.IterableDataset):
         if slot >= 0:
             k = slot % SLOTS_PER_WORKER
             sent, self.sent[k] = (None if self.sent[k] else images), True
-        return worker, slot, sent, rows, np.asarray(labels, dtype=np.int64), text
+        return worker, epoch, slot, sent, rows, np.asarray(labels, dtype=np.int64), text
 
 
 #: Pixels above which an image is converted band by band (measured: faster from ~112² on).
@@ -897,8 +980,9 @@ class Stream:
             tokenizer=tokenizer,
         )
         self.num_workers = num_workers
-        # [epoch, batches to skip per worker...]: read by persistent workers at each epoch.
-        self._epoch_box = torch.zeros(1 + max(1, num_workers), dtype=torch.int64)
+        # [epoch, continuous, batches to skip per worker...]: read by persistent workers at
+        # each iteration.
+        self._epoch_box = torch.zeros(2 + max(1, num_workers), dtype=torch.int64)
         self._flags: torch.Tensor | None = None
         if num_workers > 0:
             self._epoch_box.share_memory_()
@@ -952,7 +1036,7 @@ class Stream:
                      self.uri, self.rank, plan.dropped, epoch)
         self.epoch, self.plan, self.start = epoch, plan, start
         self._epoch_box[0] = epoch
-        self._epoch_box[1:] = torch.tensor(skips_per_worker(plan.batches, start)) if start else 0
+        self._epoch_box[2:] = torch.tensor(skips_per_worker(plan.batches, start)) if start else 0
 
     @property
     def num_samples(self) -> int:
@@ -968,30 +1052,50 @@ class Stream:
         self._loader = None
 
     def __iter__(self) -> Iterator[Batch]:
+        self._epoch_box[1] = 0
+        for _, _, batch in self._deliver(self._source(), self.epoch, self.start, False):
+            yield batch
+
+    def epochs(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[int, int, Batch]]:
+        """Epoch ``epoch`` from its batch ``start`` on, then every epoch after it, without
+        end, as ``(epoch, batch index in the epoch, batch)``: the same batches as
+        :meth:`set_epoch` and iterating, epoch by epoch, for the same seed, except for the
+        order within each worker's share (its shuffle buffer is filled before it gives a
+        sample rather than while it gives them).
+
+        For training loops: the readers go on into the next epoch while this one is being
+        consumed, so an epoch boundary costs no restart of the DataLoader workers, and each
+        epoch's shuffle buffer is filled while the previous one drains (an even load on the
+        CPU rather than a burst of reading at each epoch's start). Resuming at ``(epoch,
+        start)`` gives the batches an uninterrupted ``epochs()`` gave from there.
+        """
+        self.set_epoch(epoch, start)
+        self._epoch_box[1] = 1
+        yield from self._deliver(self._source(), epoch, start, True)
+
+    def _source(self) -> Iterator[Any]:
         if self.num_workers == 0:
-            source: Iterator[Any] = iter(self._reader)
-        else:
-            if self._loader is None:
-                self._loader = torch.utils.data.DataLoader(
-                    self._reader,
-                    batch_size=None,
-                    num_workers=self.num_workers,
-                    collate_fn=_identity,
-                    worker_init_fn=_WorkerInit(storage.is_s3(self.uri)),
-                    persistent_workers=True,
-                )
-                self._slots.clear()  # new workers, new buffers
-            # Buffers not held by the consumer are free again: a batch that a previous,
-            # abandoned iteration filled but never handed out is discarded when the
-            # DataLoader restarts its workers' iteration (below), before they fill new ones.
-            assert self._flags is not None
-            self._release_dropped()
-            flags = self._flags.numpy()
-            for slot in range(len(flags)):
-                if slot not in self._held:
-                    flags[slot] = _FREE
-            source = iter(self._loader)
-        yield from self._deliver(source)
+            return iter(self._reader)
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(
+                self._reader,
+                batch_size=None,
+                num_workers=self.num_workers,
+                collate_fn=_identity,
+                worker_init_fn=_WorkerInit(storage.is_s3(self.uri)),
+                persistent_workers=True,
+            )
+            self._slots.clear()  # new workers, new buffers
+        # Buffers not held by the consumer are free again: a batch that a previous,
+        # abandoned iteration filled but never handed out is discarded when the
+        # DataLoader restarts its workers' iteration (below), before they fill new ones.
+        assert self._flags is not None
+        self._release_dropped()
+        flags = self._flags.numpy()
+        for slot in range(len(flags)):
+            if slot not in self._held:
+                flags[slot] = _FREE
+        return iter(self._loader)
 
     def _release_dropped(self) -> None:
         for slot, ref in list(self._held.items()):
@@ -1000,49 +1104,80 @@ class Stream:
                 self._flags.numpy()[slot] = _FREE
                 del self._held[slot]
 
-    def _deliver(self, source: Iterator[Any]) -> Iterator[Batch]:
+    def _deliver(
+        self, source: Iterator[Any], epoch: int, start: int, continuous: bool
+    ) -> Iterator[tuple[int, int, Batch]]:
         from torch.multiprocessing.reductions import StorageWeakRef
 
-        plan = self.plan
-        # Batches go out in the epoch's delivery order. From batch 0 that is the order the
-        # DataLoader yields them; an epoch resumed at batch k needs worker (k mod W)'s batch
-        # first, and DataLoader always starts with worker 0: later workers' batches wait here.
-        order = _delivery_order(plan.batches)[self.start : plan.num_batches]
+        # Per worker, its items in the order it gave them (DataLoader yields them round robin).
         waiting: dict[int, collections.deque[Any]] = collections.defaultdict(collections.deque)
-        for worker in order:
-            self._release_dropped()
-            while not waiting[worker]:
-                item = next(source, None)
-                if item is None:
-                    raise UpstreamError(
-                        f"{self.uri}: the readers stopped before {plan.num_batches} batches "
-                        "(is the manifest out of date?)"
-                    )
-                if isinstance(item, _Failure):
-                    raise UpstreamError(str(item))
-                waiting[item[0]].append(item)
-            _, slot, sent, rows, label_array, text = waiting[worker].popleft()
-            labels = torch.from_numpy(label_array)
-            captions = torch.from_numpy(text) if isinstance(text, np.ndarray) else text
-            if slot >= 0:
-                if sent is not None:
-                    self._slots[slot] = sent
-                # A storage of its own over the slot's memory: it dies when the consumer drops
-                # the batch (whatever views it made), while the slot stays mapped here.
-                images = _alias(self._slots[slot])[:rows]
-                self._held[slot] = StorageWeakRef(images.untyped_storage())
-            else:
-                assert sent is not None
-                images = sent
-            batch = (images, labels, captions)
-            del images, labels, captions
-            yield batch
-            del batch
-        if not plan.dropped:
-            # The readers' last checks (sample counts, hashes) run after their last batch.
-            extra = next(source, None)
-            if isinstance(extra, _Failure):
-                raise UpstreamError(str(extra))
+        while True:
+            plan = self.settings.plan(epoch)
+            # Batches go out in the epoch's delivery order. From batch 0 that is the order the
+            # DataLoader yields them; an epoch resumed at batch k needs worker (k mod W)'s
+            # batch first, and DataLoader always starts with worker 0: later workers' batches
+            # wait here.
+            order = _delivery_order(plan.batches)[start : plan.num_batches]
+            for index, worker in enumerate(order, start):
+                self._release_dropped()
+                _, _, slot, sent, rows, label_array, text = self._next_item(
+                    source, waiting, worker, epoch, plan)
+                labels = torch.from_numpy(label_array)
+                captions = torch.from_numpy(text) if isinstance(text, np.ndarray) else text
+                if slot >= 0:
+                    if sent is not None:
+                        self._slots[slot] = sent
+                    # A storage of its own over the slot's memory: it dies when the consumer
+                    # drops the batch (whatever views it made), while the slot stays mapped.
+                    images = _alias(self._slots[slot])[:rows]
+                    self._held[slot] = StorageWeakRef(images.untyped_storage())
+                else:
+                    assert sent is not None
+                    images = sent
+                batch = (images, labels, captions)
+                del images, labels, captions
+                yield epoch, index, batch
+                del batch
+            if not continuous:
+                if not plan.dropped:
+                    # The readers' last checks (sample counts, hashes) run after their last
+                    # batch.
+                    extra = next(source, None)
+                    if isinstance(extra, _Failure):
+                        raise UpstreamError(str(extra))
+                return
+            epoch, start = epoch + 1, 0
+
+    def _next_item(
+        self, source: Iterator[Any], waiting: dict[int, collections.deque[Any]], worker: int,
+        epoch: int, plan: Plan,
+    ) -> Any:
+        """``worker``'s next batch of ``epoch``, pulling items from ``source`` until it comes;
+        a worker's surplus batches and markers of earlier epochs are dropped on the way."""
+        queue = waiting[worker]
+        while True:
+            while queue and queue[0][1] < epoch:
+                self._drop(queue.popleft())
+            if queue:
+                return queue.popleft()
+            item = next(source, None)
+            if item is None:
+                raise UpstreamError(
+                    f"{self.uri}: the readers stopped before {plan.num_batches} batches "
+                    "(is the manifest out of date?)"
+                )
+            if isinstance(item, _Failure):
+                raise UpstreamError(str(item))
+            waiting[item[0]].append(item)
+
+    def _drop(self, item: Any) -> None:
+        """Discard an item that is never handed out: its slot is free at once."""
+        _, _, slot, sent, _, _, _ = item
+        if slot >= 0:
+            if sent is not None:
+                self._slots[slot] = sent
+            assert self._flags is not None
+            self._flags.numpy()[slot] = _FREE
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -452,14 +452,9 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
                 if batches is None:
                     if position >= stream.settings.plan(epoch).num_batches:
                         epoch, position = epoch + 1, 0  # saved right at the end of an epoch
-                    stream.set_epoch(epoch, start=position)
-                    batches = iter(stream)
-                batch = next(batches, None)
-                while batch is None:  # the epoch ended: the next one, from its start
-                    epoch, position = epoch + 1, 0
-                    stream.set_epoch(epoch)
-                    batches = iter(stream)
-                    batch = next(batches, None)
+                    # Epoch after epoch: the readers run on across epoch boundaries.
+                    batches = stream.epochs(epoch, start=position)
+                epoch, position, batch = next(batches)
                 images, labels, tokens = batch
                 images = images.to(world.device, non_blocking=True)
                 if config.channels_last and images.dim() == 4:
@@ -511,6 +506,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
                 save_state()
                 t_mark = time.perf_counter()
         bar.close()
+        if batches is not None:
+            batches.close()  # drops the DataLoader iterator it holds, so the workers can stop
         stream.close()
         if metrics is not None:
             metrics.close()
