@@ -19,12 +19,12 @@ of the rounds'. Prints the figures, then ``ratio step_vs_bare`` and ``ratio data
 
 Where the time goes on 2 cores (measured per step): the step's compute keeps both cores busy
 with torch's intra-op threads, and many steady steps take 44-45 ms against bare's ~43 ms.
-What pulls the ratio to 0.85-0.88: stretches in which the DataLoader worker gets no CPU while
-a step computes and makes each batch only once the training loop blocks for it (~3 ms a step
-until it gets ahead again), and the MLflow server storing a batch of metrics every 50 steps
-(one step ~35 ms slower). Reading in the training process (``num_workers=0``) gives ~0.90 but
-waits ~10% of every step. The loader's CPU is ~33 us per 32-px sample (tar reading, PNG
-decoding, tokens), a few us more from S3.
+What pulls the ratio to 0.85-0.87: DataLoader asks the worker for a batch when the loop takes
+one, so the worker decodes (~2-3 ms) while the loop runs its single-threaded part between
+steps, and the loop waits for a core (~3 ms in many steps); and the MLflow server storing a
+batch of metrics every 50 steps (one step ~35 ms slower). Reading in the training process
+(``num_workers=0``) gives ~0.90 but waits ~10% of every step. The loader's CPU is ~33 us per
+32-px sample (tar reading, PNG decoding, tokens), a few us more from S3.
 """
 
 from __future__ import annotations
