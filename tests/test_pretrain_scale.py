@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from upstream import models, trainstate
+from upstream import loader, models, trainstate
 from upstream.errors import UpstreamError
 from upstream.pretrain import PretrainConfig, pretrain
 
@@ -118,7 +118,7 @@ def test_killed_run_resumes_to_the_same_weights(shapes_train: str, tmp_path: Pat
 
 
 def test_resume_refuses_another_model_and_a_dangling_pointer(
-    shapes_train: str, tmp_path: Path
+    shapes_train: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "run"
     kw = dict(data=shapes_train, output=str(out), method="supervised", epochs=1, batch_size=16,
@@ -130,6 +130,13 @@ def test_resume_refuses_another_model_and_a_dangling_pointer(
     with pytest.raises(UpstreamError, match="is from a run with model='upstream-tiny-rn', "
                        "not 'upstream-tiny-vit'"):
         pretrain(PretrainConfig.parse(**kw | {"model": "upstream-tiny-vit"}))
+    # A state from a version of upstream that orders samples otherwise would not resume to
+    # the weights of an uninterrupted run.
+    monkeypatch.setattr(loader, "SAMPLE_ORDER", loader.SAMPLE_ORDER + 1)
+    with pytest.raises(UpstreamError, match=f"is from a run with sample_order="
+                       f"{loader.SAMPLE_ORDER - 1}, not {loader.SAMPLE_ORDER}"):
+        pretrain(PretrainConfig.parse(**kw))
+    monkeypatch.undo()
     (state / trainstate.LATEST).write_text("step-00000099.pt")
     with pytest.raises(UpstreamError, match="names 'step-00000099.pt', which does not exist"):
         pretrain(PretrainConfig.parse(**kw))

@@ -81,6 +81,10 @@ FORMATS = (1,)
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 #: The label of a sample without a ``cls`` member (unlabelled caption data).
 UNLABELLED = -1
+#: The version of the sample order :meth:`Stream.epochs` gives for a seed, kept with training
+#: state: a run resumed under another order would not end as the uninterrupted one (2: the
+#: shuffle buffer filled before it gives a sample, the next epoch's while this one drains).
+SAMPLE_ORDER = 2
 #: Shards per reader (ranks × workers) below which a warning says shares are unequal.
 SHARDS_PER_READER = 8
 

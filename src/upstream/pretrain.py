@@ -298,6 +298,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         "method": config.method,
         "batch_size": config.batch_size,
         "data_fingerprint": data_fingerprint,
+        "sample_order": loader.SAMPLE_ORDER,
     }
     found = trainstate.find(output, config.resume)
     if found is not None:
