@@ -835,7 +835,6 @@ def test_epochs_with_unequal_worker_shares_stay_in_step(tmp_path: Path) -> None:
     run = _take(s.epochs(0), len(positions))
     assert [(e, i) for e, i, _, _ in run] == positions
     for epoch in range(12):
-        # drop_last: each worker leaves out its own last, partial batch, which depends on the
-        # order within its share: the same count, not always the same samples.
+        # drop_last: each worker leaves out its own last, partial batch.
         _same_epoch_content(run, epoch, loader.stream(str(out), **kw), complete=False)
     assert len(s._slots) <= 2 * loader.SLOTS_PER_WORKER

@@ -81,9 +81,9 @@ FORMATS = (1,)
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 #: The label of a sample without a ``cls`` member (unlabelled caption data).
 UNLABELLED = -1
-#: The version of the sample order :meth:`Stream.epochs` gives for a seed, kept with training
+#: The version of the sample order a :class:`Stream` gives for a seed, kept with training
 #: state: a run resumed under another order would not end as the uninterrupted one (2: the
-#: shuffle buffer filled before it gives a sample, the next epoch's while this one drains).
+#: shuffle buffer is filled before it gives a sample; 1 grew while it gave them).
 SAMPLE_ORDER = 2
 #: Shards per reader (ranks × workers) below which a warning says shares are unequal.
 SHARDS_PER_READER = 8
@@ -546,13 +546,14 @@ class _Settings:
 
 
 class _EpochSamples:
-    """One epoch's samples for :meth:`Stream.epochs`, shuffled through a buffer that is filled
-    with the epoch's first ``size`` samples and then swaps one in for each one out.
+    """One reader's samples of one epoch, shuffled through a buffer that is filled with the
+    epoch's first ``size`` samples and then swaps one in for each one out.
 
-    The order depends only on the raw order and ``rng``, not on when the reading happens,
-    which lets the previous epoch fill this buffer while it drains its own (``upcoming``):
-    one raw sample read per sample given, at epoch boundaries too, instead of a burst of
-    reading at each epoch's start.
+    The shard stage shuffles samples across shards already; the buffer gives each epoch its
+    own order. That order depends only on the raw order and ``rng``, not on when the reading
+    happens, which lets :meth:`Stream.epochs` have the previous epoch fill this buffer while
+    it drains its own (``upcoming``): one raw sample read per sample given, at epoch
+    boundaries too, instead of a burst of reading at each epoch's start.
     """
 
     def __init__(self, raw: Iterator[Sample], size: int, rng: random.Random | None) -> None:
@@ -616,9 +617,6 @@ class _Reader(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        return self._items(worker)
-
-    def _items(self, worker: int) -> Iterator[Any]:
         epoch = int(self.epoch_box[0])
         continuous = bool(self.epoch_box[1])
         skips = self.epoch_box[2:].tolist()
@@ -668,31 +666,6 @@ class _Reader(torch.utils.data.IterableDataset):
             i = int(rng.choice(len(weights), p=weights))
             yield from read_shard(st.urls[i], st.infos[i])
 
-    def _shuffled(self, samples: Iterator[Sample], worker: int, epoch: int) -> Iterator[Sample]:
-        st = self.settings
-        size = st.shuffle_buffer
-        if st.shuffle_seed is None or size <= 1:
-            yield from samples
-            return
-        rng = random.Random(_seed(st.shuffle_seed, epoch, st.rank, worker, _BUFFER))
-        # The shard stage shuffles samples across shards already; the buffer only has to
-        # give each epoch its own order, so it starts yielding when a tenth full.
-        start = max(1, size // 10)
-        buf: list[Sample] = []
-        for s in samples:
-            buf.append(s)
-            if len(buf) < size:  # growing: take one more, so the buffer fills while it yields
-                extra = next(samples, None)
-                if extra is not None:
-                    buf.append(extra)
-            if len(buf) < start:
-                continue
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
-
     def _buffer(
         self, worker: int, item_shape: tuple[int, ...], dtype: torch.dtype
     ) -> tuple[int, torch.Tensor]:
@@ -731,8 +704,8 @@ class _Reader(torch.utils.data.IterableDataset):
         labels: list[int] = []
         captions: list[str] = []
         done = 0
-        samples = shuffled if shuffled is not None else self._shuffled(
-            self._raw_samples(worker, epoch, plan), worker, epoch)
+        samples = shuffled if shuffled is not None else iter(
+            self._epoch_samples(worker, epoch, plan))
         # Skipped batches (a resumed epoch) are read and shuffled, not decoded: the samples
         # after them come out as in an epoch read from its start.
         for _ in range(skip):
@@ -754,41 +727,21 @@ class _Reader(torch.utils.data.IterableDataset):
                     _seed(st.shuffle_seed, epoch, st.rank, worker, done, _AUGMENT)
                 )
             where = _where(sample)
-            if direct:
-                # The stored image as it is: decoded to uint8 CHW into a staging batch, which
-                # becomes floats in one pass when full (below).
-                x = decode_chw(_image_bytes(sample) or b"", where)
-                if stage is None or stage.shape[1:] != x.shape:
-                    if labels:
-                        raise UpstreamError(
-                            f"sample {where} has the shape {tuple(x.shape)} but an earlier one "
-                            f"{tuple(stage.shape[1:]) if stage is not None else ()}; a batch "
-                            "needs one size (crop or resize to a fixed size)"
-                        )
-                    stage = torch.empty((size, *x.shape), dtype=torch.uint8)
-                if images is None:
-                    slot, images = self._buffer(worker, tuple(x.shape), float_dtype)
-                stage[len(labels)].copy_(x)
-                labels.append(_label(sample))
-                captions.append(_caption(sample) if st.with_captions else "")
-                if len(labels) == size:
-                    torch.div(stage, 255, out=images)
-                    yield self._item(worker, epoch, slot, images, labels, captions)
-                    slot, images, labels, captions = -1, None, [], []
-                    done += 1
-                    if quota is not None and done == quota:
-                        return
-                continue
             try:
-                img: Any = decode_image(_image_bytes(sample) or b"", where)
-                if before is not None:
-                    img = before(img)
-                scale = fused and isinstance(img, Image.Image) and img.mode == "RGB"
-                # ToTensor's work done into the batch (below). A large image goes band by
-                # band (PIL's bands are the CHW planes: no HWC → CHW transpose, ToTensor's
-                # costliest part); a small one in one strided pass (fewer calls).
-                x = (_planes(img) if img.width * img.height > _PLANES_ABOVE
-                     else torch.from_numpy(np.array(img)).permute(2, 0, 1)) if scale else last(img)
+                if direct:  # the stored image as it is: uint8 CHW, made floats per batch
+                    x = decode_chw(_image_bytes(sample) or b"", where)
+                    scale = True
+                else:
+                    img: Any = decode_image(_image_bytes(sample) or b"", where)
+                    if before is not None:
+                        img = before(img)
+                    scale = fused and isinstance(img, Image.Image) and img.mode == "RGB"
+                    # ToTensor's work done into the batch (below). A large image goes band by
+                    # band (PIL's bands are the CHW planes: no HWC → CHW transpose, ToTensor's
+                    # costliest part); a small one in one strided pass (fewer calls).
+                    x = (_planes(img) if img.width * img.height > _PLANES_ABOVE
+                         else torch.from_numpy(np.array(img)).permute(2, 0, 1)
+                         ) if scale else last(img)
             except UpstreamError:
                 raise
             except Exception as e:
@@ -808,7 +761,11 @@ class _Reader(torch.utils.data.IterableDataset):
                     f"earlier one {tuple(images.shape[1:])}; a batch needs one size (crop or "
                     "resize to a fixed size)"
                 )
-            if scale:  # uint8 → float / 255: the numbers ToTensor gives
+            if direct:  # staged as uint8; the whole batch becomes floats when it is full
+                if stage is None or stage.shape[1:] != x.shape:
+                    stage = torch.empty((size, *x.shape), dtype=torch.uint8)
+                stage[len(labels)].copy_(x)
+            elif scale:  # uint8 → float / 255: the numbers ToTensor gives
                 row = images[len(labels)]
                 if x.is_contiguous():
                     row.copy_(x)
@@ -822,6 +779,8 @@ class _Reader(torch.utils.data.IterableDataset):
             if len(labels) == size:
                 if rng_saved is not None:
                     torch.set_rng_state(rng_saved)
+                if direct:
+                    torch.div(stage, 255, out=images)
                 yield self._item(worker, epoch, slot, images, labels, captions)
                 slot, images, labels, captions = -1, None, [], []
                 done += 1
@@ -1063,9 +1022,7 @@ class Stream:
     def epochs(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[int, int, Batch]]:
         """Epoch ``epoch`` from its batch ``start`` on, then every epoch after it, without
         end, as ``(epoch, batch index in the epoch, batch)``: the same batches as
-        :meth:`set_epoch` and iterating, epoch by epoch, for the same seed, except for the
-        order within each worker's share (its shuffle buffer is filled before it gives a
-        sample rather than while it gives them).
+        :meth:`set_epoch` and iterating, epoch by epoch, for the same seed.
 
         For training loops: the readers go on into the next epoch while this one is being
         consumed, so an epoch boundary costs no restart of the DataLoader workers, and each
