@@ -30,16 +30,21 @@ batch of metrics every 50 steps (one step ~35 ms slower). Reading in the trainin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import resource
 import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import torch
 
-from upstream import models, services, storage
+from upstream import loader, models, services, storage
 from upstream.pretrain import Objective, PretrainConfig, pretrain
 from upstream.shard import ShardConfig, shard
 
@@ -77,11 +82,40 @@ def bare(config: PretrainConfig, steps: int, image_size: int, captions: list[str
     return b * (len(times) - 1) / sum(times[1:])
 
 
+@contextlib.contextmanager
+def batches_in_memory(method: str, image_size: int, captions: list[str]) -> Iterator[None]:
+    """Within it, :func:`pretrain` takes its batches from memory (one batch of random images
+    of the shards' size, given again and again) instead of reading shards: the whole step but
+    the loader, to tell the loader's share of the gap from the loop's own (logging, schedule,
+    MLflow)."""
+
+    def epochs(self: loader.Stream, epoch: int = 0, start: int = 0) -> Iterator[Any]:
+        st = self.settings
+        views = (2,) if method == "simclr" else ()
+        images = torch.rand(st.batch_size, *views, 3, image_size, image_size)
+        labels = torch.randint(0, len(self.manifest["class_names"]), (st.batch_size,))
+        text = (st.tokenizer(captions[: st.batch_size]) if st.tokenizer is not None
+                else [""] * st.batch_size)
+        index = start
+        while True:
+            yield epoch, index, (images, labels, text)
+            index += 1
+
+    with mock.patch.object(loader.Stream, "epochs", epochs):
+        yield
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's ended children: the loader's workers, once stopped."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", choices=["clip", "simclr", "supervised"], default="clip")
     ap.add_argument("--model", default=MODEL, help="a 32 px config (default %(default)s)")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="20 steps, 2 repeats")
@@ -112,6 +146,8 @@ def main() -> None:
         steps_s: list[float] = []
         shares: list[float] = []
         bares: list[float] = []
+        in_memory: list[float] = []
+        worker_cpu: list[float] = []  # the loader worker's CPU seconds per sample
         # A warm-up round, not counted: the first call pays one-off costs (lazy imports and
         # initialisation, the allocator's first growth, the S3 server's first reads).
         warm = PretrainConfig.parse(**base | {"train_samples": 4 * args.batch_size},
@@ -120,21 +156,35 @@ def main() -> None:
         bare(warm, 4, 32, captions)
         for r in range(args.repeats):
             config = PretrainConfig.parse(**base, output=str(tmp / f"run-{r}"), seed=r)
+            before = children_cpu()
             result = pretrain(config)
+            worker_cpu.append((children_cpu() - before) / (result["steps"] * args.batch_size))
             steps_s.append(result["samples_per_s"])
             shares.append(result["data_wait_share"])
             bares.append(bare(config, args.steps, 32, captions))
+            with batches_in_memory(args.method, 32, captions):
+                in_memory.append(pretrain(config.model_copy(
+                    update={"output": str(tmp / f"in-memory-{r}")}))["samples_per_s"])
             print(f"round {r + 1}: step {steps_s[-1]:.0f} samples/s (data wait "
-                  f"{shares[-1]:.1%}), bare {bares[-1]:.0f} samples/s", flush=True)
+                  f"{shares[-1]:.1%}), bare {bares[-1]:.0f} samples/s, the step on batches "
+                  f"in memory {in_memory[-1]:.0f} samples/s", flush=True)
         print(f"\nmethod {args.method}, model {args.model}, batch {args.batch_size}, "
               f"{args.steps} steps, {torch.get_num_threads()} threads, {args.repeats} rounds")
         print(f"step  {max(steps_s):8.0f} samples/s (median {statistics.median(steps_s):.0f})")
         print(f"bare  {max(bares):8.0f} samples/s (median {statistics.median(bares):.0f})")
+        print(f"step on batches in memory {max(in_memory):8.0f} samples/s "
+              f"(median {statistics.median(in_memory):.0f})")
         print(f"data wait share {statistics.median(shares):.3f} (best {min(shares):.3f})")
+        per_sample = statistics.median(worker_cpu)
+        print(f"loader worker CPU {per_sample * 1e6:.0f} us a sample (whole runs: start, "
+              f"reading, decoding, sending), {per_sample * statistics.median(steps_s):.1%} of "
+              "a core at the step's rate")
         print()
         paired = statistics.median(a / b for a, b in zip(steps_s, bares, strict=True))
+        no_loader = statistics.median(a / b for a, b in zip(in_memory, bares, strict=True))
         print(f"ratio step_vs_bare {paired:.2f}")
         print(f"ratio data_wait_share {statistics.median(shares):.3f}")
+        print(f"ratio step_in_memory_vs_bare {no_loader:.2f}")
     finally:
         if info is not None:
             services.down(tmp / "home")

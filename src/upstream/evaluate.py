@@ -55,7 +55,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from upstream import loader, models, plots, tracking, training
+    from upstream import allocator, loader, models, plots, tracking, training
     from upstream.finetune import extract_features
 
     # Fail fast: the model file and both manifests are read, and their classes compared,
@@ -75,6 +75,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                 f"predicts {_short(class_names)}"
             )
 
+    allocator.keep_freed_memory()  # freed memory stays for the next batch
     model = models.classifier_from_model_file(saved).to(training.device()).eval()
     lineage = {str(k): str(v) for k, v in saved.get("lineage", {}).items()}
     tags = {

@@ -173,7 +173,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from upstream import loader, models, storage, tracking, training
+    from upstream import allocator, loader, models, storage, tracking, training
 
     # Input checks, cheapest first, all before any image is decoded or model built.
     if config.mode != "lp" and config.epochs < 1:
@@ -208,6 +208,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     if len(labels) == 0:
         raise UpstreamError(f"finetune: {config.data} holds no samples")
 
+    allocator.keep_freed_memory()  # freed memory stays for the next step
     generator = training.seed_everything(config.seed)
     encoder = models.encoder_from_state(ckpt["model_name"], ckpt["visual"])
     model = models.Classifier(encoder, len(class_names)).to(training.device())

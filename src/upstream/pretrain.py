@@ -247,7 +247,16 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     (rank 0); return {checkpoint, mlflow_run_id, final_loss, samples_per_s, steps}."""
     import torch
 
-    from upstream import distributed, loader, models, storage, tracking, training, trainstate
+    from upstream import (
+        allocator,
+        distributed,
+        loader,
+        models,
+        storage,
+        tracking,
+        training,
+        trainstate,
+    )
     from upstream.errors import UpstreamError
 
     # Everything that can be wrong with the input is checked before the model is built.
@@ -307,6 +316,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    # Before the model and the loader's workers exist: freed memory stays for the next step.
+    allocator.keep_freed_memory()
     training.seed_everything(config.seed)
     net = models.build_pretrain_model(
         config.model, config.method, len(class_names),
