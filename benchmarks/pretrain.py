@@ -9,22 +9,24 @@
   as the stage itself measures them;
 - ``bare``: the same model, loss, optimizer and batch size on tensors already in memory
   (random images of the shards' size; for clip, the captions tokenized once): nothing but
-  forward, backward and the optimizer step.
+  forward, backward and the optimizer step;
+- ``step on batches in memory``: :func:`upstream.pretrain.pretrain` again, its loader replaced
+  by one in-memory batch given again and again: the whole step but the loader, which tells the
+  loader's share of the gap from the loop's own (schedule, logging, MLflow).
 
-Both use a tiny config (``--model``, default ``upstream-tiny-rn``, 32 px) on the CPU with
-torch's default threads. After a warm-up round, each is run ``--repeats`` times, alternating;
-the ratio is the median of the per-round ratios (the two runs of a round are seconds apart,
-under the same load from whatever else runs on the machine), the data-wait share the median
-of the rounds'. Prints the figures, then ``ratio step_vs_bare`` and ``ratio data_wait_share``.
+All three run in this one process, with torch's default threads and the allocator setting the
+training stages use (:func:`upstream.allocator.keep_freed_memory`), on a tiny config
+(``--model``, default ``upstream-tiny-rn``, 32 px) on the CPU. After a warm-up round, each is
+run ``--repeats`` times, alternating; the ratios are the medians of the per-round ratios (the
+runs of a round are seconds apart, under the same load from whatever else runs on the
+machine), the data-wait share the median of the rounds'. Prints the figures and the loader
+worker's CPU per sample, then ``ratio step_vs_bare``, ``ratio data_wait_share`` and
+``ratio step_in_memory_vs_bare``.
 
-Where the time goes on 2 cores (measured per step): the step's compute keeps both cores busy
-with torch's intra-op threads, and many steady steps take 44-45 ms against bare's ~43 ms.
-What pulls the ratio to 0.85-0.87: DataLoader asks the worker for a batch when the loop takes
-one, so the worker decodes (~2-3 ms) while the loop runs its single-threaded part between
-steps, and the loop waits for a core (~3 ms in many steps); and the MLflow server storing a
-batch of metrics every 50 steps (one step ~35 ms slower). Reading in the training process
-(``num_workers=0``) gives ~0.90 but waits ~10% of every step. The loader's CPU is ~33 us per
-32-px sample (tar reading, PNG decoding, tokens), a few us more from S3.
+Where the time goes on 2 cores (README, "Benchmarks"): the step on in-memory batches runs at
+0.97-1.00 of bare, so the loop itself costs next to nothing; the gap is the loader's CPU
+(~50 us per 32-px sample in steady state: tar reading, PNG decoding, the S3 GET, batching),
+which has to come out of the two cores torch's intra-op threads already fill.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from unittest import mock
 
 import torch
 
-from upstream import loader, models, services, storage
+from upstream import allocator, loader, models, services, storage
 from upstream.pretrain import Objective, PretrainConfig, pretrain
 from upstream.shard import ShardConfig, shard
 
@@ -128,6 +130,7 @@ def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     info = None
     try:
+        allocator.keep_freed_memory()  # as pretrain() sets it: bare runs with it too
         info = services.up(tmp / "home")
         services.apply_env(info, override=True)
         storage._client.cache_clear()
