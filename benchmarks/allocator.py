@@ -23,6 +23,8 @@ import statistics
 import subprocess
 import sys
 
+# Its own step rather than benchmarks/pretrain.py's bare(), which builds the model inside the
+# window whose page faults are counted here.
 _CHILD = r"""
 import json, resource, sys, time
 import torch

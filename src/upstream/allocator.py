@@ -4,9 +4,10 @@ PyTorch's CPU tensors come from ``malloc``. glibc serves a block above its mmap 
 (128 KiB to start with) with a fresh ``mmap`` and unmaps it again when it is freed, and trims
 the top of the heap whenever more than its trim threshold is free there. A training step
 allocates and frees its activations and gradients anew every step, so each step touches
-freshly mapped pages and takes a page fault for every 4 KiB of them: ~6,000 faults a step for
-``upstream-tiny-rn`` at batch 64 on 32 px, about a fifth of the step's time (measured: 42 ms
-→ 33.5 ms a step with the settings below; ``benchmarks/pretrain.py`` runs ~1.2× faster).
+freshly mapped pages and takes a page fault for every 4 KiB of them: 6,000-16,000 faults a step
+for ``upstream-tiny-rn`` at batch 64 on 32 px, about a fifth of the step's time (measured: 42 ms
+→ 33.5 ms a step with the settings below, ``benchmarks/allocator.py``; upstream's whole
+pre-training step, loader included, ~1.1× faster).
 
 :func:`keep_freed_memory` raises both thresholds, so that freed blocks stay in the heap for
 the next step. The price is that the process keeps its peak memory (a training process
