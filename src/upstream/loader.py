@@ -697,7 +697,6 @@ class _Reader(torch.utils.data.IterableDataset):
             return
         before, last, fused = _split_to_tensor(st.transform)
         direct = fused and before is None
-        stage: torch.Tensor | None = None  # uint8 pixels of a full batch (direct)
         pixels: list[torch.Tensor] = []  # the batch's decoded images so far (direct)
         float_dtype = torch.get_default_dtype()
         size = st.batch_size
@@ -780,9 +779,7 @@ class _Reader(torch.utils.data.IterableDataset):
                     torch.set_rng_state(rng_saved)
                 if direct:
                     # One stack per batch: a copy into a row per image costs ~1 µs each.
-                    if stage is None or stage.shape[1:] != images.shape[1:]:
-                        stage = torch.empty(images.shape, dtype=torch.uint8)
-                    torch.div(torch.stack(pixels, out=stage), 255, out=images)
+                    torch.div(torch.stack(pixels), 255, out=images)
                     pixels = []
                 yield self._item(worker, epoch, slot, images, labels, captions)
                 slot, images, labels, captions = -1, None, [], []
