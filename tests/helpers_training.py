@@ -98,10 +98,23 @@ def finetuned_digits(
     from upstream.finetune import FinetuneConfig, finetune
 
     with env_for(training_home):
-        return finetune(FinetuneConfig.parse(
+        result = finetune(FinetuneConfig.parse(
             pretrained=pretrained_digits["checkpoint"], data=digits_train,
-            output=str(training_home / "finetuned"), mode="lp-ft", shots=10, epochs=3,
+            output=str(training_home / "finetuned"), modes="lp-ft", shots="10", epochs=3,
             batch_size=32, experiment=EXPERIMENT,
+        ))
+    return result | {"model": result["selected"][0]["model"]}
+
+
+@pytest.fixture(scope="session")
+def pretrained_clip_digits(training_home: Path, digits_train: str) -> dict[str, Any]:
+    """CLIP tiny-rn pre-training on the digits' templated captions (3 epochs)."""
+    from upstream.pretrain import PretrainConfig, pretrain
+
+    with env_for(training_home):
+        return pretrain(PretrainConfig.parse(
+            data=digits_train, output=str(training_home / "pretrained-clip"), method="clip",
+            epochs=3, batch_size=32, warmup_steps=3, experiment=EXPERIMENT,
         ))
 
 

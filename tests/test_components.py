@@ -81,7 +81,7 @@ def test_stage_configs_accept_defaults_and_name_bad_values() -> None:
     with pytest.raises(UpstreamError, match="invalid pretrain_gpus"):
         stage_configs("transfer", {"pretrain_gpus": -1})
     with pytest.raises(UpstreamError, match="shard: invalid corruption"):
-        stage_configs("transfer", {"ood_corruption": "fog"})
+        stage_configs("transfer", {"ood_corruption": "fog2"})
     with pytest.raises(UpstreamError, match="proportions must sum to 1"):
         stage_configs("transfer", {"pretrain_data_source": "fractals+shapes",
                                    "pretrain_data_proportions": "0.5,0.6"})

@@ -81,6 +81,16 @@ def describe_validation_error(cls: type[BaseModel], e: ValidationError) -> str:
     return f"{stage}: invalid {field}: {msg}{shown}"
 
 
+def split_list(text: str) -> list[str]:
+    """``"a, b,,c"`` → ``["a", "b", "c"]``: the comma lists of list-valued fields.
+
+    List-valued knobs are comma-separated strings rather than lists: one type for the CLI
+    (``--shots 1,5,10,0``), KFP parameters (the local runner turns ints inside lists into
+    floats) and MLflow params.
+    """
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def literal_choices(annotation: Any) -> tuple[str, ...] | None:
     """The allowed values of a ``Literal[...]`` annotation, else None."""
     if typing.get_origin(annotation) is Literal:

@@ -326,12 +326,7 @@ def load_split(
         bad = [i for i in wanted if not 0 <= i < total]
         if bad:
             raise UpstreamError(f"index {bad[0]} is out of range for {uri} ({total} samples)")
-    samples: list[Sample] = []
-    for url, info in zip(shard_urls(uri, manifest), manifest["shards"], strict=True):
-        samples.extend(read_shard(url, info))
-    samples.sort(key=lambda s: s["__key__"])
-    if len(samples) != total:
-        raise UpstreamError(f"{uri} holds {len(samples)} samples; the manifest says {total}")
+    samples = _all_samples(uri, manifest)
     chosen = wanted if indices is not None else range(total)
     images, labels, captions = [], [], []
     for i in chosen:
@@ -344,6 +339,25 @@ def load_split(
     if not images:
         return torch.empty(0), torch.empty(0, dtype=torch.long), []
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), captions
+
+
+def _all_samples(uri: str, manifest: dict[str, Any]) -> list[Sample]:
+    """Every sample of the set (undecoded), in key order, checked against the manifest."""
+    samples: list[Sample] = []
+    for url, info in zip(shard_urls(uri, manifest), manifest["shards"], strict=True):
+        samples.extend(read_shard(url, info))
+    samples.sort(key=lambda s: s["__key__"])
+    total = int(manifest["num_samples"])
+    if len(samples) != total:
+        raise UpstreamError(f"{uri} holds {len(samples)} samples; the manifest says {total}")
+    return samples
+
+
+def load_labels(uri: str) -> torch.Tensor:
+    """The labels of every sample of the set at ``uri``, in key order, without decoding a
+    single image (what :func:`load_split` returns as its second item)."""
+    samples = _all_samples(uri, read_manifest(uri))
+    return torch.tensor([_label(s) for s in samples], dtype=torch.long)
 
 
 def kshot_indices(

@@ -296,15 +296,26 @@ def feature_dim(encoder: ImageEncoder) -> int:
 
 
 class Classifier(nn.Module):
-    """An :class:`ImageEncoder` and a linear head: [0, 1] images in, class logits out."""
+    """An :class:`ImageEncoder` and a linear head: [0, 1] images in, class logits out.
 
-    def __init__(self, encoder: ImageEncoder, num_classes: int):
+    ``normalize``: the head reads L2-normalised features, as a CLIP zero-shot head does (its
+    rows are normalised text embeddings times ``logit_scale``).
+    """
+
+    def __init__(self, encoder: ImageEncoder, num_classes: int, normalize: bool = False):
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(feature_dim(encoder), num_classes)
+        self.normalize = bool(normalize)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The head on features the encoder made (the same as ``forward`` on the images)."""
+        if self.normalize:
+            features = F.normalize(features, dim=-1)
+        return self.head(features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(images))
+        return self.logits(self.encoder(images))
 
 
 class ProjectionHead(nn.Sequential):
@@ -499,7 +510,7 @@ def encoder_from_state(name: str, visual_state: dict[str, torch.Tensor]) -> Imag
 def classifier_from_model_file(obj: dict[str, Any]) -> Classifier:
     """Rebuild the fine-tuned :class:`Classifier` from a loaded model file."""
     encoder = encoder_from_state(obj["model_name"], obj["visual"])
-    model = Classifier(encoder, len(obj["class_names"]))
+    model = Classifier(encoder, len(obj["class_names"]), normalize=bool(obj.get("normalize")))
     model.head.load_state_dict({"weight": obj["head_weight"], "bias": obj["head_bias"]})
     return model
 

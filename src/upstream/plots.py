@@ -11,6 +11,21 @@ matplotlib.use("Agg")  # headless: stages run in containers and CI without a dis
 
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
+#: Okabe & Ito's colour-blind-safe palette (black last: it marks the scratch baseline).
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
+           "#000000")
+#: Markers that tell series apart without colour.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def color(i: int) -> str:
+    """The i-th palette colour, skipping black (kept for baselines)."""
+    return PALETTE[i % (len(PALETTE) - 1)]
+
+
+def shots_label(k: int | None) -> str:
+    return "all" if k == 0 else ("zero-shot" if k is None else str(k))
+
 
 def loss_curve(
     steps: Sequence[int],

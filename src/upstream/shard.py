@@ -79,7 +79,16 @@ _OWN_FILES = re.compile(
     r"|kshot/k\d+-seed\d+\.json|kshot/\.k\d+-seed\d+\.json\..+"
 )
 
-Corruption = Literal["none", "rotate", "noise", "blur", "contrast", "mixed"]
+#: ``upstream.data.corruptions.CHOICES``, spelled out for type checkers (a test keeps the two
+#: the same): none, the simple kinds and mixed, then ImageNet-C's 15 in its order (its contrast
+#: as imagenet_c_contrast, "contrast" being the simple kind).
+Corruption = Literal[
+    "none", "rotate", "noise", "blur", "contrast", "mixed",
+    "gaussian_noise", "shot_noise", "impulse_noise",
+    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness",
+    "imagenet_c_contrast", "elastic_transform", "pixelate", "jpeg_compression",
+]
 #: Fields that do not change the data: where it goes, where it is logged, how fast it is made.
 NOT_DECISIVE = {"output", "experiment", "workers"}
 
@@ -192,7 +201,11 @@ class ShardConfig(StageConfig):
     image_format: Literal["png", "jpg"] = Field("png", description="Encoding of the images.")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality (image_format=jpg).")
     corruption: Corruption = Field(
-        "none", description="Corruption applied to every image, for out-of-distribution sets."
+        "none",
+        description="Corruption applied to every image, for out-of-distribution sets: rotate, "
+        "noise, blur, contrast, mixed (one of those four per image), or one of ImageNet-C's 15 "
+        "(its contrast is imagenet_c_contrast), with CIFAR-10-C's parameters up to 64 px and "
+        "ImageNet-C's above.",
     )
     severity: int = Field(3, ge=1, le=5, description="Corruption severity, 1 (mild) to 5.")
     shard_size: int = Field(1000, ge=1, description="Samples per shard at most.")

@@ -67,6 +67,20 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
+def make_sgd(model: nn.Module, lr: float, weight_decay: float,
+             momentum: float = 0.9) -> torch.optim.SGD:
+    """SGD with momentum and the same no-decay groups as :func:`make_optimizer`."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    groups = [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:

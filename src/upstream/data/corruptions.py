@@ -1,9 +1,13 @@
 """Image corruptions for out-of-distribution test sets, in the spirit of ImageNet-C / CIFAR-10-C.
 
-Strengths follow CIFAR-10-C's severities 1–5 (Hendrycks & Dietterich, 2019) where it has the
-corruption, with blur radii scaled by image size (CIFAR's are for 32 px). Each image's
-corruption depends only on the seed and its sample index, so a set is reproducible and the
-same image gets the same corruption in every subset of it.
+Two groups. Four simple kinds (rotate, noise, blur, contrast; ``mixed`` picks one per image),
+whose strengths follow CIFAR-10-C's severities 1–5 (Hendrycks & Dietterich, 2019) where it has
+the corruption, with blur radii scaled by image size (CIFAR's are for 32 px). And ImageNet-C's
+15 corruptions by their names (``gaussian_noise`` … ``jpeg_compression``; its contrast is
+``imagenet_c_contrast``), from :mod:`upstream.data.imagenet_c`, with CIFAR-10-C's parameters
+for small images and ImageNet-C's for large ones. Each image's corruption depends only on the
+seed and its sample index, so a set is reproducible and the same image gets the same
+corruption in every subset of it.
 """
 
 from __future__ import annotations
@@ -13,12 +17,21 @@ from typing import Final
 import numpy as np
 from PIL import Image, ImageFilter
 
+from upstream.data import imagenet_c
 from upstream.data.base import seed_words
 from upstream.errors import UpstreamError
 
 KINDS: Final = ("rotate", "noise", "blur", "contrast")
-#: Everything ``corrupt`` accepts: the kinds, ``none``, and ``mixed`` (a seeded kind per image).
-CHOICES: Final = ("none", *KINDS, "mixed")
+#: ImageNet-C's 15 corruptions as kinds, in its order: its own names, except that its contrast
+#: is ``imagenet_c_contrast``, since ``contrast`` is the simple kind above (CIFAR-10-C's factors
+#: at every size, which ``mixed`` draws too).
+IMAGENET_C: Final = tuple(
+    "imagenet_c_contrast" if name == "contrast" else name for name in imagenet_c.CORRUPTIONS
+)
+_IMAGENET_C_NAMES: Final = dict(zip(IMAGENET_C, imagenet_c.CORRUPTIONS, strict=True))
+#: Everything ``corrupt`` accepts: the kinds, ``none``, ``mixed`` (a seeded kind per image)
+#: and ImageNet-C's corruptions.
+CHOICES: Final = ("none", *KINDS, "mixed", *IMAGENET_C)
 
 #: Largest rotation (degrees) per severity; the sign is random.
 ROTATE_DEGREES: Final = (8.0, 16.0, 24.0, 32.0, 40.0)
@@ -35,7 +48,9 @@ def corrupt(
 ) -> tuple[Image.Image, str]:
     """``img`` corrupted by ``kind`` at ``severity`` (1–5); returns the image and the kind used.
 
-    The kind used differs from ``kind`` only for ``mixed``, which picks one per image.
+    The kind used differs from ``kind`` only for ``mixed``, which picks one of :data:`KINDS`
+    per image. ImageNet-C's corruptions use CIFAR-10-C's parameters up to 64 px (longest side)
+    and ImageNet-C's above (:func:`upstream.data.imagenet_c.parameter_set_for`).
     """
     if kind not in CHOICES:
         raise UpstreamError(f"unknown corruption {kind!r} (one of {', '.join(CHOICES)})")
@@ -44,6 +59,8 @@ def corrupt(
     if kind == "none":
         return img, kind
     rng = np.random.default_rng(seed_words("corrupt", seed, index))
+    if kind in _IMAGENET_C_NAMES:
+        return imagenet_c.corrupt(img, _IMAGENET_C_NAMES[kind], severity, rng), kind
     if kind == "mixed":
         kind = KINDS[int(rng.integers(len(KINDS)))]
     level = severity - 1
