@@ -330,5 +330,5 @@ def test_mixed_picks_a_kind_per_image() -> None:
     assert used == [corrupt(img, "mixed", 2, seed=0, index=i)[1] for i in range(40)]
     out, kind = corrupt(img, "none", 5, seed=0, index=0)
     assert kind == "none" and out is img
-    with pytest.raises(UpstreamError, match="unknown corruption 'fog'"):
-        corrupt(img, "fog", 1, 0, 0)
+    with pytest.raises(UpstreamError, match="unknown corruption 'fog2'"):
+        corrupt(img, "fog2", 1, 0, 0)

@@ -90,8 +90,11 @@ def stage_run(
     if os.environ.get(GROUP_ENV):
         all_tags["upstream.group"] = os.environ[GROUP_ENV]
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+    # A stage called inside another stage's run (the corruption suite's shard calls) is
+    # nested under it, so that the MLflow UI folds them away.
+    nested = mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=experiment_id, run_name=config.stage, tags=all_tags,
-                          log_system_metrics=system_metrics) as run:
+                          log_system_metrics=system_metrics, nested=nested) as run:
         mlflow.log_params(config.mlflow_params())
         mlflow.log_params({f"version.{k}": v for k, v in package_versions().items()})
         yield run
