@@ -130,13 +130,16 @@ def stage_component(
     extra: Sequence[Param] = (),
     cpu: str | None = None,
     memory: str | None = None,
+    name: str = "",
+    drop: Sequence[str] = (),
 ) -> Any:
     """A lightweight KFP component for one stage, its parameters derived from ``config``.
 
     ``glue`` names the function in :mod:`upstream.components.glue` that maps the component's
-    artifacts to the stage's wiring fields and calls the stage.
+    artifacts to the stage's wiring fields and calls the stage. ``name``: the component's
+    name (default: the stage's); ``drop``: knobs the glue sets itself (not parameters).
     """
-    params = [*knob_params(config), *extra]
+    params = [p for p in knob_params(config) if p.name not in drop] + list(extra)
     import sys
 
     module_doc = sys.modules[config.__module__].__doc__ or f"The {config.stage} stage."
@@ -147,8 +150,9 @@ def stage_component(
         f"    from upstream.components.glue import {glue}\n"
         f"    {glue}(**arguments)"
     )
-    source = render_function(config.stage, params, artifacts, doc, body)
-    func = define(source, config.stage, {})
+    name = name or config.stage
+    source = render_function(name, params, artifacts, doc, body)
+    func = define(source, name, {})
     return dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)(func)
 
 

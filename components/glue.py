@@ -46,9 +46,9 @@ def _scalar_facts(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if isinstance(v, str | int | float | bool)}
 
 
-def write_plots_html(html: Any, run_id: str | None, title: str) -> None:
+def write_plots_html(html: Any, run_id: str | None, title: str, before: str = "") -> None:
     """Embed the PNG plots of an MLflow run in an HTML artifact the Kubeflow UI renders."""
-    parts = [f"<html><body><h2>{title}</h2>"]
+    parts = [f"<html><body><h2>{title}</h2>", before]
     if run_id:
         import mlflow
 
@@ -109,6 +109,30 @@ def run_pretrain(
     write_plots_html(plots, result.get("mlflow_run_id"), "Pre-training")
 
 
+def run_corrupt(dataset: Any, suite: Any, data_root: str, run_group: str = "",
+                **knobs: Any) -> None:
+    from upstream.evaluate.suite import CorruptConfig, corrupt
+
+    _setup(run_group)
+    unplaced = CorruptConfig.parse(**knobs, data=read_pointer(dataset))
+    output = storage.join(data_root, "suites", unplaced.fingerprint())
+    result = corrupt(CorruptConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output))
+    write_pointer(suite, output, num_sets=len(result["sets"]), fingerprint=result["fingerprint"])
+
+
+def _finetune_step(finetuned: Any, plots: Any, work_root: str, title: str,
+                   **values: Any) -> None:
+    from upstream.finetune import FinetuneConfig, finetune
+
+    unplaced = FinetuneConfig.parse(**values, feature_cache=storage.join(work_root, "features"))
+    output = storage.join(work_root, "finetune", unplaced.fingerprint())
+    config = FinetuneConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output)
+    result = finetune(config)
+    facts = _scalar_facts(result) | {f"val_top1 {k}": v for k, v in result["summary"].items()}
+    write_pointer(finetuned, result["output"], **facts)
+    write_plots_html(plots, result.get("mlflow_run_id"), title)
+
+
 def run_finetune(
     pretrained: Any,
     data: Any,
@@ -118,27 +142,42 @@ def run_finetune(
     run_group: str = "",
     **knobs: Any,
 ) -> None:
-    from upstream.finetune import FinetuneConfig, finetune
-
     _setup(run_group)
-    unplaced = FinetuneConfig.parse(
-        **knobs, pretrained=read_pointer(pretrained), data=read_pointer(data)
-    )
-    output = storage.join(work_root, "finetune", unplaced.fingerprint())
-    config = FinetuneConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output)
-    result = finetune(config)
-    write_pointer(finetuned, result["model"], **_scalar_facts(result))
-    write_plots_html(plots, result.get("mlflow_run_id"), "Fine-tuning")
+    _finetune_step(finetuned, plots, work_root, "Fine-tuning", **knobs,
+                   pretrained=read_pointer(pretrained), data=read_pointer(data))
+
+
+def run_scratch(data: Any, finetuned: Any, plots: Any, work_root: str, run_group: str = "",
+                **knobs: Any) -> None:
+    _setup(run_group)
+    _finetune_step(finetuned, plots, work_root, "Scratch baseline", **knobs, modes="scratch",
+                   data=read_pointer(data))
+
+
+def _metrics_table(models: list[dict[str, Any]]) -> str:
+    """An HTML table of every evaluated model's main scores."""
+    import html
+
+    cols = ["mode", "shots", "seed", "lr", "id_top1", "id_macro_f1", "ood_top1", "ood_macro_f1"]
+    rows = ["<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>"
+            + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"]
+    for m in models:
+        vals = {**m["cell"], **m["summary"]}
+        cells = [f"{vals[c]:.4f}" if isinstance(vals.get(c), float) else html.escape(
+            str(vals.get(c, ""))) for c in cols]
+        rows.append("<tr>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")
+    return "\n".join(rows) + "</table>"
 
 
 def run_evaluate(
     model: Any,
     id_data: Any,
     ood_data: Any,
+    ood_suite: Any,
     metrics: Any,
     id_confusion: Any,
-    ood_confusion: Any,
     plots: Any,
+    work_root: str,
     run_group: str = "",
     **knobs: Any,
 ) -> None:
@@ -149,13 +188,41 @@ def run_evaluate(
         **knobs,
         model=read_pointer(model),
         id_data=read_pointer(id_data),
-        ood_data=read_pointer(ood_data),
+        ood_data=f"{read_pointer(ood_data)},{read_pointer(ood_suite)}",
+        feature_cache=storage.join(work_root, "features"),
     )
     result = evaluate(config)
-    for split in ("id", "ood"):
-        metrics.log_metric(f"{split}_top1", float(result[split]["top1"]))
-        metrics.log_metric(f"{split}_macro_f1", float(result[split]["macro_f1"]))
-    names = list(result["class_names"])
-    id_confusion.log_confusion_matrix(names, result["id"]["confusion_matrix"])
-    ood_confusion.log_confusion_matrix(names, result["ood"]["confusion_matrix"])
-    write_plots_html(plots, result.get("mlflow_run_id"), "Evaluation")
+    # Per (mode, k): the mean over seeds, which is what the Kubeflow UI can compare across runs.
+    means: dict[str, list[float]] = {}
+    for m in result["models"]:
+        cell = m["cell"]
+        prefix = cell["mode"] + ("" if cell["shots"] == "none" else f"_k{cell['shots']}")
+        for key in ("id_top1", "id_macro_f1", "ood_top1", "ood_macro_f1"):
+            if key in m["summary"]:
+                means.setdefault(f"{prefix}_{key}", []).append(m["summary"][key])
+    for key, values in sorted(means.items()):
+        metrics.log_metric(key, float(sum(values) / len(values)))
+    first = result["models"][0]
+    id_confusion.log_confusion_matrix(list(result["class_names"]),
+                                      first["sets"]["id"]["confusion_matrix"])
+    write_plots_html(plots, first["mlflow_run_id"], "Evaluation (first model)",
+                     before=_metrics_table(result["models"]))
+
+
+def run_report(report: Any, summary: Any, work_root: str, run_group: str = "",
+               **knobs: Any) -> None:
+    from upstream.report import ReportConfig
+    from upstream.report import report as make_report
+
+    _setup(run_group)
+    output = storage.join(work_root, "reports", run_group or "all")
+    result = make_report(ReportConfig.parse(**knobs, group=run_group, output=output))
+    Path(report.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(report.path).write_bytes(storage.read_bytes(result["html"]))
+    # The Kubeflow UI renders the Markdown artifact alone: its tables, not the figure files
+    # it links beside it (those are in the HTML artifact).
+    text = storage.read_bytes(storage.join(result["output"], "report.md")).decode()
+    kept = [line for line in text.splitlines() if not line.lstrip().startswith("![")]
+    Path(summary.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(summary.path).write_text("\n".join(kept) + "\n")
+    report.metadata.update({"uri": output, "mlflow_run_id": result.get("mlflow_run_id", "")})

@@ -1,11 +1,12 @@
-"""The four stage components. Their parameters come from the stage config models."""
+"""The stage components. Their parameters come from the stage config models."""
 
 from __future__ import annotations
 
 from upstream.components.factory import Param, stage_component
-from upstream.evaluate import EvaluateConfig
+from upstream.evaluate import CorruptConfig, EvaluateConfig
 from upstream.finetune import FinetuneConfig
 from upstream.pretrain import PretrainConfig
+from upstream.report import ReportConfig
 from upstream.shard import ShardConfig
 
 DATA_ROOT = Param(
@@ -40,6 +41,12 @@ pretrain_op = stage_component(
     ],
     extra=[WORK_ROOT, RUN_GROUP],
 )
+corrupt_op = stage_component(
+    CorruptConfig,
+    glue="run_corrupt",
+    artifacts=[("data", "Input[Dataset]"), ("suite", "Output[Dataset]")],
+    extra=[DATA_ROOT, RUN_GROUP],
+)
 finetune_op = stage_component(
     FinetuneConfig,
     glue="run_finetune",
@@ -51,6 +58,19 @@ finetune_op = stage_component(
     ],
     extra=[WORK_ROOT, RUN_GROUP],
 )
+#: The scratch baseline: the fine-tuning stage with ``modes=scratch``, no checkpoint in.
+scratch_op = stage_component(
+    FinetuneConfig,
+    glue="run_scratch",
+    artifacts=[
+        ("data", "Input[Dataset]"),
+        ("finetuned", "Output[Model]"),
+        ("plots", "Output[HTML]"),
+    ],
+    extra=[WORK_ROOT, RUN_GROUP],
+    name="scratch",
+    drop=("modes",),
+)
 evaluate_op = stage_component(
     EvaluateConfig,
     glue="run_evaluate",
@@ -58,10 +78,17 @@ evaluate_op = stage_component(
         ("model", "Input[Model]"),
         ("id_data", "Input[Dataset]"),
         ("ood_data", "Input[Dataset]"),
+        ("ood_suite", "Input[Dataset]"),
         ("metrics", "Output[Metrics]"),
         ("id_confusion", "Output[ClassificationMetrics]"),
-        ("ood_confusion", "Output[ClassificationMetrics]"),
         ("plots", "Output[HTML]"),
     ],
-    extra=[RUN_GROUP],
+    extra=[WORK_ROOT, RUN_GROUP],
+)
+report_op = stage_component(
+    ReportConfig,
+    glue="run_report",
+    artifacts=[("report", "Output[HTML]"), ("summary", "Output[Markdown]")],
+    extra=[WORK_ROOT, RUN_GROUP],
+    drop=("group",),
 )

@@ -104,7 +104,27 @@ def _summary(
     runs_page = f"{url}/#/experiments/{exp_id}/runs" if exp_id else url
     lines.append(f"MLflow UI: {runs_page}")
     lines.append(f"MLflow runs of this pipeline run carry the tag upstream.group={run_dir.name}")
+    report = _report_of(values.get("experiment", "upstream"), run_dir.name)
+    if report:
+        lines.append(f"report: {report}")
     return "\n".join(lines)
+
+
+def _report_of(experiment: str, group: str) -> str | None:
+    """Where the report step of pipeline run ``group`` wrote its page, from MLflow."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = mlflow.search_runs(
+        [exp.experiment_id], output_format="list", max_results=1,
+        filter_string=f"tags.`upstream.stage` = 'report' and tags.`upstream.group` = '{group}'",
+    )
+    if not runs:
+        return None
+    output = runs[0].data.params.get("report.output", "")
+    return storage.join(output, "report.html") if output else None
 
 
 def _experiment_id(name: str) -> str | None:

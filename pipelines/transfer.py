@@ -1,14 +1,20 @@
-"""The ``transfer`` pipeline: shard → pretrain → finetune → evaluate.
+"""The ``transfer`` pipeline: shard → pretrain → fine-tuning grid and scratch baseline →
+evaluate (ID, OOD, corruption suite) → report.
 
 Four shard steps make the pre-training set, the downstream training set, the in-distribution
-test set and its corrupted out-of-distribution copy; one model is pre-trained, fine-tuned with
-LP-FT on k shots per class and evaluated on both test sets. Every parameter takes its type,
-default and description from a stage config model; the few that set the same field of several
-steps (image size, data seed, experiment) are shared.
+test set and a corrupted out-of-distribution copy; a corruption step turns the test set into
+ImageNet-C's suite. One model is pre-trained; one fine-tuning step runs the grid of modes × k
+shots × seeds × learning rates on it, and a scratch step trains the same tower from random
+initialisation on the same k-shot splits (the baseline of every comparison). Both are evaluated
+on every test set, and the report step reads this run's MLflow runs (by its ``upstream.group``
+tag) into the figures and tables, shown in the Kubeflow UI as HTML and Markdown. Every parameter
+takes its type, default and description from a stage config model; the few that set the same
+field of several steps (image size, data seed, experiment) are shared.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from kfp import dsl, kubernetes
@@ -17,15 +23,19 @@ from upstream.components.factory import Param, knob_params, pipeline_function
 from upstream.components.stages import (
     DATA_ROOT,
     WORK_ROOT,
+    corrupt_op,
     evaluate_op,
     finetune_op,
     pretrain_op,
+    report_op,
+    scratch_op,
     shard_op,
 )
 from upstream.errors import UpstreamError
-from upstream.evaluate import EvaluateConfig
+from upstream.evaluate import CorruptConfig, EvaluateConfig
 from upstream.finetune import FinetuneConfig
 from upstream.pretrain import PretrainConfig
+from upstream.report import ReportConfig
 from upstream.shard import ShardConfig
 
 #: Kubernetes Secret with the S3 keys and ConfigMap with the endpoints (the cluster provides
@@ -57,6 +67,19 @@ _PRETRAIN_DATA_DEFAULTS: dict[str, Any] = {
     "source": "fractals", "num_classes": 10, "samples_per_class": 200,
 }
 
+#: The fine-tuning grid the embedded default runs (the config's own defaults are one model).
+_FINETUNE_DEFAULTS: dict[str, Any] = {
+    "finetune_modes": "lp,lp-ft", "finetune_shots": "1,5,10,0", "finetune_seeds": "0,1,2",
+    "finetune_lrs": "1e-4,1e-3",
+}
+
+
+def _finetune_param(p: Param) -> Param:
+    if p.name in _FINETUNE_DEFAULTS:
+        return dataclasses.replace(p, default=_FINETUNE_DEFAULTS[p.name])
+    return p
+
+
 PARAMS: list[Param] = [
     Param.from_field(PretrainConfig, "experiment"),
     DATA_ROOT,
@@ -85,13 +108,23 @@ PARAMS: list[Param] = [
           "pretrain_procs_per_node to the same number to train on all of them."),
     Param("pretrain_accelerator", str, "nvidia.com/gpu",
           "Kubernetes resource name of those GPUs."),
-    *[p for p in knob_params(FinetuneConfig, "finetune_") if p.name != "finetune_experiment"],
+    *[_finetune_param(p) for p in knob_params(FinetuneConfig, "finetune_")
+      if p.name not in ("finetune_experiment", "finetune_model")],
+    Param.from_field(FinetuneConfig, "lrs", "scratch_lrs",
+                     description="Learning rates of the scratch baseline (the same tower from "
+                     "random initialisation, trained on the same k-shot splits with the "
+                     "finetune_ settings), chosen on the validation split; empty: the preset's "
+                     "grid for scratch."),
+    Param.from_field(CorruptConfig, "corruptions", "ood_suite_corruptions"),
+    Param.from_field(CorruptConfig, "severities", "ood_suite_severities"),
     *[p for p in knob_params(EvaluateConfig, "evaluate_") if p.name != "evaluate_experiment"],
+    *[p for p in knob_params(ReportConfig, "report_")
+      if p.name not in ("report_experiment", "report_group")],
 ]
 
 
-def _stage_args(p: Any, prefix: str, config: type) -> dict[str, Any]:
-    names = [n for n in config.knob_fields() if n != "experiment"]
+def _stage_args(p: Any, prefix: str, config: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    names = [n for n in config.knob_fields() if n != "experiment" and n not in skip]
     return {n: getattr(p, prefix + n) for n in names}
 
 
@@ -141,33 +174,70 @@ def _build(p: Any) -> Any:
     pretrained.set_accelerator_type(p.pretrain_accelerator).set_accelerator_limit(p.pretrain_gpus)
     kubernetes.empty_dir_mount(pretrained, volume_name="dshm", mount_path="/dev/shm",
                                medium="Memory")
+    suite = corrupt_op(
+        data=id_data.outputs["dataset"],
+        corruptions=p.ood_suite_corruptions,
+        severities=p.ood_suite_severities,
+        seed=p.data_seed,
+        workers=p.data_workers,
+        data_root=p.data_root,
+        experiment=p.experiment,
+        run_group=group,
+    ).set_display_name("corruption suite")
+    finetune_knobs = _stage_args(p, "finetune_", FinetuneConfig, skip=("model",))
     finetuned = finetune_op(
         pretrained=pretrained.outputs["checkpoint"],
         data=train_data.outputs["dataset"],
         work_root=p.work_root,
         experiment=p.experiment,
         run_group=group,
-        **_stage_args(p, "finetune_", FinetuneConfig),
-    ).set_display_name("finetune")
-    evaluated = evaluate_op(
-        model=finetuned.outputs["finetuned"],
-        id_data=id_data.outputs["dataset"],
-        ood_data=ood_data.outputs["dataset"],
+        model="",
+        **finetune_knobs,
+    ).set_display_name("finetune grid")
+    scratch_knobs = {k: v for k, v in finetune_knobs.items() if k not in ("modes", "lrs")}
+    scratched = scratch_op(
+        data=train_data.outputs["dataset"],
+        work_root=p.work_root,
         experiment=p.experiment,
         run_group=group,
-        **_stage_args(p, "evaluate_", EvaluateConfig),
-    ).set_display_name("evaluate")
-    for task in (pre_data, train_data, id_data, ood_data, pretrained, finetuned, evaluated):
+        model=p.pretrain_model,
+        lrs=p.scratch_lrs,
+        **(scratch_knobs | {"batchnorm": "preset"}),
+    ).set_display_name("scratch baseline")
+    evaluations = [
+        evaluate_op(
+            model=grid.outputs["finetuned"],
+            id_data=id_data.outputs["dataset"],
+            ood_data=ood_data.outputs["dataset"],
+            ood_suite=suite.outputs["suite"],
+            work_root=p.work_root,
+            experiment=p.experiment,
+            run_group=group,
+            **_stage_args(p, "evaluate_", EvaluateConfig),
+        ).set_display_name(name)
+        for grid, name in ((finetuned, "evaluate"), (scratched, "evaluate scratch"))
+    ]
+    reported = report_op(
+        work_root=p.work_root,
+        experiment=p.experiment,
+        run_group=group,
+        **_stage_args(p, "report_", ReportConfig, skip=("group",)),
+    ).set_display_name("report")
+    reported.after(*evaluations)  # it reads their MLflow runs, not their artifacts
+    for task in (pre_data, train_data, id_data, ood_data, suite, pretrained, finetuned,
+                 scratched, *evaluations, reported):
         _with_cluster_env(task)
-    return evaluated.outputs["metrics"]
+    return evaluations[0].outputs["metrics"]
 
 
 transfer = dsl.pipeline(
     name="transfer",
-    description="Pre-train on one source, fine-tune with LP-FT on k shots, evaluate ID and OOD.",
+    description="Pre-train on one source; fine-tune a grid of modes, k shots, seeds and "
+    "learning rates beside a scratch baseline; evaluate ID, OOD and under corruption; report.",
 )(
     pipeline_function(
-        "transfer", PARAMS, _build, __doc__.strip().split("\n\n")[0], returns="Metrics"
+        "transfer", PARAMS, _build, " ".join(__doc__.strip().split("\n\n")[0].split()),
+        returns="Metrics",
     )
 )
 
@@ -193,13 +263,20 @@ def stage_configs(values: dict[str, Any]) -> list[Any]:
                           corruption=v["ood_corruption"], severity=v["ood_severity"], **data),
     ]
 
-    def stage(config: type, prefix: str, **wiring: str) -> Any:
-        knobs = {n: v[prefix + n] for n in config.knob_fields() if n != "experiment"}
-        return config.parse(**knobs, experiment=v["experiment"], **wiring)
+    def stage(config: type, prefix: str, skip: tuple[str, ...] = (), **wiring: Any) -> Any:
+        knobs = {n: v[prefix + n] for n in config.knob_fields()
+                 if n != "experiment" and n not in skip}
+        return config.parse(**(knobs | wiring), experiment=v["experiment"])
 
     return [
         *shards,
+        CorruptConfig.parse(data="-", corruptions=v["ood_suite_corruptions"],
+                            severities=v["ood_suite_severities"], seed=v["data_seed"],
+                            experiment=v["experiment"]),
         stage(PretrainConfig, "pretrain_", data="-"),
-        stage(FinetuneConfig, "finetune_", pretrained="-", data="-"),
+        stage(FinetuneConfig, "finetune_", skip=("model",), pretrained="-", data="-"),
+        stage(FinetuneConfig, "finetune_", skip=("model",), data="-", modes="scratch",
+              model=v["pretrain_model"], lrs=v["scratch_lrs"], batchnorm="preset"),
         stage(EvaluateConfig, "evaluate_", model="-", id_data="-", ood_data="-"),
+        stage(ReportConfig, "report_", skip=("group",)),
     ]

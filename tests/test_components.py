@@ -6,39 +6,55 @@ import pytest
 from kfp import compiler
 
 from upstream.components.factory import describe, kfp_type
-from upstream.components.stages import evaluate_op, finetune_op, pretrain_op, shard_op
+from upstream.components.stages import (
+    corrupt_op,
+    evaluate_op,
+    finetune_op,
+    pretrain_op,
+    report_op,
+    scratch_op,
+    shard_op,
+)
 from upstream.config import StageConfig
 from upstream.errors import UpstreamError
-from upstream.evaluate import EvaluateConfig
+from upstream.evaluate import CorruptConfig, EvaluateConfig
 from upstream.finetune import FinetuneConfig
 from upstream.pipelines.registry import stage_configs
 from upstream.pipelines.transfer import PARAMS, transfer
 from upstream.pretrain import PretrainConfig
+from upstream.report import ReportConfig
 from upstream.shard import ShardConfig
 
 KFP_TYPE = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool: "BOOLEAN"}
 
-STAGES: list[tuple[object, type[StageConfig], set[str]]] = [
-    (shard_op, ShardConfig, {"data_root", "run_group"}),
-    (pretrain_op, PretrainConfig, {"work_root", "run_group"}),
-    (finetune_op, FinetuneConfig, {"work_root", "run_group"}),
-    (evaluate_op, EvaluateConfig, {"run_group"}),
+STAGES: list[tuple[object, type[StageConfig], set[str], set[str]]] = [
+    (shard_op, ShardConfig, {"data_root", "run_group"}, set()),
+    (corrupt_op, CorruptConfig, {"data_root", "run_group"}, set()),
+    (pretrain_op, PretrainConfig, {"work_root", "run_group"}, set()),
+    (finetune_op, FinetuneConfig, {"work_root", "run_group"}, set()),
+    # The scratch step is the fine-tuning stage with modes=scratch, set by its glue.
+    (scratch_op, FinetuneConfig, {"work_root", "run_group"}, {"modes"}),
+    (evaluate_op, EvaluateConfig, {"work_root", "run_group"}, set()),
+    # The report reads the runs of its own pipeline run: the glue sets the group.
+    (report_op, ReportConfig, {"work_root", "run_group"}, {"group"}),
 ]
 
 
-@pytest.mark.parametrize(("op", "config", "extra"), STAGES)
-def test_component_parameters_are_the_config_knobs(op, config, extra) -> None:
+@pytest.mark.parametrize(("op", "config", "extra", "dropped"), STAGES)
+def test_component_parameters_are_the_config_knobs(op, config, extra, dropped) -> None:
     spec = op.component_spec
     params = {n: i for n, i in spec.inputs.items() if not i.type.startswith("system.")}
-    assert set(params) == set(config.knob_fields()) | extra
+    assert set(params) == (set(config.knob_fields()) - dropped) | extra
     for name, field in config.knob_fields().items():
+        if name in dropped:
+            continue
         assert params[name].default == field.default, name
         assert params[name].description == describe(field)
         assert kfp_type(field).__name__ in ("str", "int", "float", "bool")
 
 
-@pytest.mark.parametrize(("op", "config", "extra"), STAGES)
-def test_wiring_fields_are_not_parameters(op, config, extra) -> None:
+@pytest.mark.parametrize(("op", "config", "extra", "dropped"), STAGES)
+def test_wiring_fields_are_not_parameters(op, config, extra, dropped) -> None:
     wiring = set(config.model_fields) - set(config.knob_fields())
     assert wiring, "every stage has a location field"
     assert not wiring & set(op.component_spec.inputs or {}) - {"model", "data", "id_data",
@@ -59,7 +75,12 @@ def test_pipeline_parameters_in_yaml(tmp_path) -> None:
         assert declared[p.name]["description"] == p.description
     # the pretrain knobs are all there, prefixed, with the config's defaults
     assert declared["pretrain_lr"]["defaultValue"] == PretrainConfig.model_fields["lr"].default
-    assert declared["finetune_shots"]["parameterType"] == "NUMBER_INTEGER"
+    # list-valued knobs are comma lists (ints inside KFP lists arrive as floats locally)
+    assert declared["finetune_shots"]["parameterType"] == "STRING"
+    assert declared["finetune_shots"]["defaultValue"] == "1,5,10,0"
+    assert declared["scratch_lrs"]["defaultValue"] == ""
+    assert {"report_metric", "report_baseline", "ood_suite_corruptions"} <= set(declared)
+    assert "report_group" not in declared and "finetune_model" not in declared
 
 
 def test_compiled_yaml_has_no_credentials(tmp_path) -> None:
@@ -73,7 +94,15 @@ def test_compiled_yaml_has_no_credentials(tmp_path) -> None:
 
 def test_stage_configs_accept_defaults_and_name_bad_values() -> None:
     configs = stage_configs("transfer", {})
-    assert [c.stage for c in configs] == ["shard"] * 3 + ["pretrain", "finetune", "evaluate"]
+    assert [c.stage for c in configs] == ["shard"] * 3 + [
+        "corrupt", "pretrain", "finetune", "finetune", "evaluate", "report"]
+    assert configs[6].mode_list == ["scratch"] and configs[6].model == "upstream-tiny-rn"
+    with pytest.raises(UpstreamError, match="finetune: invalid lrs"):
+        stage_configs("transfer", {"scratch_lrs": "1e-3,0"})
+    with pytest.raises(UpstreamError, match="corrupt: invalid corruptions"):
+        stage_configs("transfer", {"ood_suite_corruptions": "fog,smog"})
+    with pytest.raises(UpstreamError, match="report: invalid metric"):
+        stage_configs("transfer", {"report_metric": "top3"})
     with pytest.raises(UpstreamError, match="pretrain: invalid lr"):
         stage_configs("transfer", {"pretrain_lr": -0.1})
     with pytest.raises(UpstreamError, match="pretrain: invalid method"):

@@ -94,31 +94,47 @@ def stage_command(config_cls: type[StageConfig], run: Callable[[Any], Any], summ
 
 
 _BULKY = ("shards", "config", "confusion_matrix", "per_class_f1", "keys", "class_names",
-          "interventions", "skipped", "kshot", "caption_templates", "sizes")
+          "interventions", "skipped", "kshot", "caption_templates", "sizes", "selected",
+          "cells", "sets", "per_class", "lineage")
 
 
 def _brief(result: Any) -> Any:
-    """A result without its bulky parts (shard lists, confusion matrices)."""
+    """A result without its bulky parts (shard lists, confusion matrices, per-set scores)."""
     if isinstance(result, dict):
         return {
-            k: _brief(v)
+            k: (_brief_summary(v) if k == "summary" and isinstance(v, dict) else _brief(v))
             for k, v in result.items()
             if k not in _BULKY
         }
+    if isinstance(result, list):
+        return [_brief(v) for v in result]
     return result
 
 
+def _brief_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    # An evaluation's summary holds a metric per corrupted set; the headline ones have no dot.
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()
+            if "." not in k}
+
+
 def _register_stages() -> None:
-    from upstream import evaluate, finetune, pretrain, shard
+    from upstream import evaluate, finetune, pretrain, report, shard
 
     stage_command(shard.ShardConfig, shard.shard,
                   "Write a source as WebDataset shards plus manifest.json.")
     stage_command(pretrain.PretrainConfig, pretrain.pretrain,
-                  "Pre-train an image encoder (clip or supervised) on shards.")
+                  "Pre-train an image encoder (clip, simclr or supervised) on shards.")
     stage_command(finetune.FinetuneConfig, finetune.finetune,
-                  "Fine-tune a pre-trained encoder with LP-FT on k shots per class.")
+                  "Fine-tune over a grid of modes (lp, ft, lp-ft, zeroshot, zeroshot-ft, "
+                  "scratch) × k shots × seeds × learning rates, each chosen on validation.")
+    stage_command(evaluate.CorruptConfig, evaluate.corrupt,
+                  "Turn a test set into ImageNet-C's corruption suite (15 corruptions × 5 "
+                  "severities, stored as shard sets).")
     stage_command(evaluate.EvaluateConfig, evaluate.evaluate,
-                  "Evaluate a fine-tuned model on ID and OOD test shards.")
+                  "Evaluate fine-tuned models (files or grids) on ID and OOD test shards.")
+    stage_command(report.ReportConfig, report.report,
+                  "Report a study from MLflow: accuracy vs k, OOD vs ID, effective "
+                  "robustness, significance, every experiment.")
 
 
 @app.command("compile")

@@ -606,6 +606,7 @@ def _finish(
         "config": config.model_dump(mode="json") | {"output": output},
         "data_fingerprint": data_fingerprint,
         "data_source": training.manifest_source(manifest),
+        "data_interventions": _interventions(manifest),
         "steps": result["steps"],
         "final_loss": result["final_loss"],
         "samples_per_s": result["samples_per_s"],

@@ -236,7 +236,7 @@ def _log_model(config: EvaluateConfig, m: _Model, sets: list[EvalSet],
                index: int) -> dict[str, Any]:
     import mlflow
 
-    from upstream import plots
+    from upstream import plots, tracking
 
     summary = summarise(sets, scored)
     tags = {**m.tags(), "upstream.stage": "evaluate", "upstream.role": "model"}
@@ -250,6 +250,7 @@ def _log_model(config: EvaluateConfig, m: _Model, sets: list[EvalSet],
     with mlflow.start_run(run_name=f"evaluate {name}"[:250], nested=True, tags=tags,
                           experiment_id=experiment_id) as run:
         mlflow.log_params({f"lineage.{k}": v[:6000] for k, v in m.lineage.items()})
+        mlflow.log_params({f"version.{k}": v for k, v in tracking.package_versions().items()})
         mlflow.log_params({
             "eval.model": m.uri,
             "eval.model_name": str(m.saved["model_name"]),

@@ -54,6 +54,9 @@ class Preset:
     lrs: tuple[float, ...]
     scratch_lrs: tuple[float, ...]
     source: str
+    #: Steps a run takes at least (more epochs when k is small): a 1-shot set of 10 classes
+    #: is one step an epoch, and 10 steps leave a scratch model at chance.
+    min_steps: int = 0
     #: Warmup never takes more than this share of a run's steps. The papers' downstream runs
     #: are thousands of steps long; a few-shot run of a hundred steps would otherwise never
     #: leave its warmup.
@@ -63,7 +66,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # upstream's own default before presets existed: AdamW, a short warmup, BatchNorm frozen.
     "default": Preset("adamw", 0.0, 64, 10, None, "frozen", (1e-5,), (1e-3,),
-                      "upstream's default: AdamW, 10% warmup, cosine, BatchNorm frozen"),
+                      "upstream's default: AdamW, 10% warmup, cosine, BatchNorm frozen, at "
+                      "least 200 steps", min_steps=200),
     # Entezari et al. 2023: AdamW, wd 0.1, batch 128, 128 epochs, 500 warmup steps, cosine,
     # lr from {1e-4, 3e-4, 1e-3, 3e-3} for pre-trained and scratch models alike.
     "entezari": Preset("adamw", 0.1, 128, 128, 500, "train",
@@ -77,7 +81,7 @@ PRESETS: dict[str, Preset] = {
                     (3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
                     (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
                     "Kumar et al. 2022: SGD momentum 0.9, no weight decay, cosine, "
-                    "BatchNorm frozen"),
+                    "BatchNorm frozen", min_steps=200),
 }
 
 
@@ -94,6 +98,11 @@ class Recipe:
     warmup_fraction: float
     batchnorm: str
     grad_clip: float
+    min_steps: int = 0
+
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """Epochs of a run: the recipe's, or more to reach ``min_steps``."""
+        return max(self.epochs, math.ceil(self.min_steps / max(1, steps_per_epoch)))
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps of a run of ``total_steps``: the recipe's, at most its share."""
@@ -150,9 +159,10 @@ class FinetuneConfig(StageConfig):
     )
     preset: Literal["default", "entezari", "kumar"] = Field(
         "default",
-        description="Optimiser recipe: default (AdamW, wd 0, batch 64, 10 epochs, 10% warmup, "
-        "BatchNorm frozen), entezari (AdamW wd 0.1, batch 128, 128 epochs, 500 warmup steps), "
-        "kumar (SGD momentum 0.9, no wd, BatchNorm frozen); all cosine.",
+        description="Optimiser recipe: default (AdamW, wd 0, batch 64, 10 epochs and at least "
+        "200 steps, 10% warmup, BatchNorm frozen), entezari (AdamW wd 0.1, batch 128, 128 "
+        "epochs, 500 warmup steps), kumar (SGD momentum 0.9, no wd, BatchNorm frozen, at least "
+        "200 steps); all cosine.",
     )
     optimizer: Literal["preset", "adamw", "sgd"] = Field(
         "preset", description="Optimiser (preset: the preset's)."
@@ -171,6 +181,10 @@ class FinetuneConfig(StageConfig):
         "Kumar et al.'s LP-FT) or train. scratch always trains them."
     )
     grad_clip: float = Field(0.0, ge=0, description="Clip the gradient norm to this (0: off).")
+    min_steps: int = Field(
+        -1, description="Steps a run takes at least, epochs repeated when k is small "
+        "(negative: the preset's; default 200, entezari 0)."
+    )
     val_per_class: int = Field(
         10, ge=0,
         description="Validation examples per class, drawn from the training data outside the "
@@ -191,6 +205,12 @@ class FinetuneConfig(StageConfig):
         "every learning rate's."
     )
     experiment: str = Field("upstream", description="MLflow experiment name.")
+
+    @field_validator("shots", "seeds", "lrs", mode="before")
+    @classmethod
+    def _one_number(cls, v: object) -> object:
+        # A single k, seed or lr given as a number (``finetune_shots=10`` from Python).
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
 
     @field_validator("modes")
     @classmethod
@@ -331,6 +351,7 @@ class FinetuneConfig(StageConfig):
             warmup_fraction=p.warmup_fraction,
             batchnorm=batchnorm,
             grad_clip=self.grad_clip,
+            min_steps=self.min_steps if self.min_steps >= 0 else p.min_steps,
         )
 
     def cells(self) -> list[Cell]:

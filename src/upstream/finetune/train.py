@@ -63,14 +63,15 @@ def train(
     n = len(labels)
     batch = min(recipe.batch_size, n)
     steps_per_epoch = math.ceil(n / batch)
-    total = steps_per_epoch * recipe.epochs
+    epochs = recipe.epochs_for(steps_per_epoch)
+    total = steps_per_epoch * epochs
     optimizer = make_optimizer(model, recipe, lr, vit)
     scheduler = training.warmup_cosine(optimizer, recipe.warmup_for(total), total)
     losses: list[float] = []
     history: list[dict[str, float]] = []
     loss_sum = correct = 0.0
     diverged = False
-    for _ in range(recipe.epochs):
+    for _ in range(epochs):
         model.train()
         if recipe.batchnorm == "frozen":
             training.freeze_batchnorm(model)
