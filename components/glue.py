@@ -109,12 +109,12 @@ def run_pretrain(
     write_plots_html(plots, result.get("mlflow_run_id"), "Pre-training")
 
 
-def run_corrupt(dataset: Any, suite: Any, data_root: str, run_group: str = "",
+def run_corrupt(data: Any, suite: Any, data_root: str, run_group: str = "",
                 **knobs: Any) -> None:
     from upstream.evaluate.suite import CorruptConfig, corrupt
 
     _setup(run_group)
-    unplaced = CorruptConfig.parse(**knobs, data=read_pointer(dataset))
+    unplaced = CorruptConfig.parse(**knobs, data=read_pointer(data))
     output = storage.join(data_root, "suites", unplaced.fingerprint())
     result = corrupt(CorruptConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output))
     write_pointer(suite, output, num_sets=len(result["sets"]), fingerprint=result["fingerprint"])

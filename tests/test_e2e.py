@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,11 +30,20 @@ TINY = {
     "--downstream-kshot-trials": "1",
     "--pretrain-epochs": "3",
     "--pretrain-batch-size": "16",
-    "--finetune-shots": "10",
+    # Every mode that takes a checkpoint (the demo pre-trains CLIP, so zero-shot works) over
+    # 2 k × 2 seeds, beside the scratch baseline, on a two-corruption suite.
+    "--finetune-modes": "lp,lp-ft,ft,zeroshot,zeroshot-ft",
+    "--finetune-shots": "10,0",
+    "--finetune-seeds": "0,1",
+    "--finetune-lrs": "1e-3",
     "--finetune-epochs": "2",
-    "--finetune-batch-size": "16",
+    "--finetune-min-steps": "0",
+    "--finetune-batch-size": "32",
+    "--ood-suite-corruptions": "gaussian_noise,contrast",
+    "--ood-suite-severities": "2",
     "--experiment": "e2e",
 }
+MODES = {"lp", "lp-ft", "ft", "zeroshot", "zeroshot-ft"}
 
 
 @pytest.fixture(scope="module")
@@ -71,27 +81,65 @@ def test_prints_results_and_mlflow_url(local_run, local_services) -> None:
         assert re.search(rf"{key}: [01]\.\d{{4}}", out), out
 
 
-def test_mlflow_holds_a_run_per_stage(local_run) -> None:
+def _role(runs: list, role: str) -> list:
+    return [r for r in runs if r.data.tags.get("upstream.role") == role]
+
+
+def test_mlflow_holds_the_runs_of_every_stage(local_run) -> None:
     runs = _runs_of(local_run)
-    assert {stage: len(r) for stage, r in runs.items()} == {
-        "shard": 4, "pretrain": 1, "finetune": 1, "evaluate": 1,
-    }
+    counts = {stage: len(r) for stage, r in runs.items()}
+    # 4 data sets, and the 2 corrupted sets of the suite (nested under its run)
+    assert counts["shard"] == 4 + 2 and counts["corrupt"] == 1
+    assert counts["pretrain"] == 1 and counts["report"] == 1
+    # Two grids (pre-trained, scratch), each a parent with a run per cell nested under it:
+    # 5 modes: zeroshot once, the others per (k, seed), one lr each.
+    grids = _role(runs["finetune"], "grid")
+    cells = _role(runs["finetune"], "cell")
+    assert len(grids) == 2 and len(cells) == (1 + 4 * 2 * 2) + 2 * 2
+    assert {c.data.tags["upstream.mode"] for c in cells} == MODES | {"scratch"}
+    assert all(c.data.tags["upstream.selected"] == "true" for c in cells)  # one lr each
+    # Two evaluation calls, one run per chosen model.
+    assert len(_role(runs["evaluate"], "evaluation")) == 2
+    assert len(_role(runs["evaluate"], "model")) == len(cells)
     for stage_runs in runs.values():
         assert all(r.info.status == "FINISHED" for r in stage_runs)
 
 
 def test_metrics_in_range(local_run) -> None:
     runs = _runs_of(local_run)
-    metrics = runs["evaluate"][0].data.metrics
-    for key in ("id_top1", "id_macro_f1", "ood_top1", "ood_macro_f1"):
-        assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
-    # 10 shots of 10 digits, even after a tiny pre-training, beat chance (0.1) clearly.
-    assert metrics["id_top1"] > 0.3
+    models = _role(runs["evaluate"], "model")
+    for run in models:
+        for key in ("id_top1", "id_macro_f1", "ood_top1", "ood_macro_f1",
+                    "ood.corruptions.gaussian_noise-2.top1", "ood.corruptions.top1"):
+            assert 0.0 <= run.data.metrics[key] <= 1.0, (key, run.data.metrics)
+    # LP on all the digits, even after a tiny pre-training, beats chance (0.1) clearly.
+    lp_all = [r for r in models if r.data.tags["upstream.mode"] == "lp"
+              and r.data.tags["upstream.shots"] == "0"]
+    assert len(lp_all) == 2 and min(r.data.metrics["id_top1"] for r in lp_all) > 0.5
     pretrain = runs["pretrain"][0].data
     assert pretrain.params["pretrain.epochs"] == "3"
     assert "loss" in pretrain.metrics
-    finetune = runs["finetune"][0].data
-    assert finetune.params["finetune.shots"] == "10"
+    grid = _role(runs["finetune"], "grid")
+    assert {g.data.params["finetune.shots"] for g in grid} == {"10,0"}
+
+
+def test_report_is_written_and_shown(local_run) -> None:
+    import csv
+    import io
+
+    out = local_run.stdout
+    report = re.search(r"report: (s3://\S+/report\.html)", out).group(1)
+    html = storage.read_bytes(report).decode()
+    # accuracy against k, OOD against ID, effective robustness (one source: no spread plot)
+    assert html.count("data:image/png;base64,") >= 3
+    folder = report.rsplit("/", 1)[0]
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(
+        storage.join(folder, "experiments.csv")).decode())))
+    assert len(rows) == len(_role(_runs_of(local_run)["evaluate"], "model"))
+    # The Kubeflow UI's artifacts of the report step: the page and its Markdown tables.
+    run_dir = Path(re.search(r"pipeline outputs: (\S+)", out).group(1))
+    assert (run_dir / "report" / "report").read_text() == html
+    assert "|" in (run_dir / "report" / "summary").read_text()
 
 
 def test_manifest_counts_match_mlflow(local_run) -> None:
