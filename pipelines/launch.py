@@ -123,8 +123,7 @@ def _report_of(experiment: str, group: str) -> str | None:
     )
     if not runs:
         return None
-    output = runs[0].data.params.get("report.output", "")
-    return storage.join(output, "report.html") if output else None
+    return runs[0].data.params.get("output.report") or None
 
 
 def _experiment_id(name: str) -> str | None:

@@ -101,7 +101,7 @@ def finetuned_digits(
         result = finetune(FinetuneConfig.parse(
             pretrained=pretrained_digits["checkpoint"], data=digits_train,
             output=str(training_home / "finetuned"), modes="lp-ft", shots="10", epochs=3,
-            batch_size=32, experiment=EXPERIMENT,
+            min_steps=0, batch_size=32, experiment=EXPERIMENT,
         ))
     return result | {"model": result["selected"][0]["model"]}
 

@@ -23,7 +23,7 @@ EXPERIMENT = "upstream-tests"
 
 
 def _finetune(data: str, out: Path, **kw: Any) -> dict[str, Any]:
-    values = {"data": data, "output": str(out), "epochs": 2, "batch_size": 32,
+    values = {"data": data, "output": str(out), "epochs": 2, "batch_size": 32, "min_steps": 0,
               "experiment": EXPERIMENT} | kw
     return finetune(FinetuneConfig.parse(**values))
 
