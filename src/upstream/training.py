@@ -51,34 +51,29 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
-def make_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, vit: bool = False
-) -> torch.optim.AdamW:
-    """AdamW with CLIP's betas/eps for the tower type and no decay on norms, biases, scales."""
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if _no_decay(name, p) else decay).append(p)
-    groups = [
+    return [
         {"params": no_decay, "weight_decay": 0.0},
         {"params": decay, "weight_decay": weight_decay},
     ]
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, vit: bool = False
+) -> torch.optim.AdamW:
+    """AdamW with CLIP's betas/eps for the tower type and no decay on norms, biases, scales."""
     betas, eps = ((0.9, 0.98), 1e-6) if vit else ((0.9, 0.999), 1e-8)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
 
 
 def make_sgd(model: nn.Module, lr: float, weight_decay: float,
              momentum: float = 0.9) -> torch.optim.SGD:
     """SGD with momentum and the same no-decay groups as :func:`make_optimizer`."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if _no_decay(name, p) else decay).append(p)
-    groups = [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": weight_decay},
-    ]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=momentum)
 
 
 def warmup_cosine(

@@ -121,6 +121,19 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in split_list(text)]
 
 
+def _check_ints(v: str, what: str, kind: str, negative: bool) -> str:
+    """A comma list of distinct integers, at least one (a field validator's check)."""
+    parts = split_list(v)
+    if not parts:
+        raise ValueError(f"name at least one {what}")
+    for part in parts:
+        if not (part.lstrip("-") if negative else part).isdigit():
+            raise ValueError(f"each {what} is {kind} (got {part!r})")
+    if len(set(_ints(v))) != len(parts):
+        raise ValueError(f"a {what} is listed twice")
+    return v
+
+
 class FinetuneConfig(StageConfig):
     stage: ClassVar[str] = "finetune"
     not_decisive: ClassVar[frozenset[str]] = frozenset(
@@ -228,28 +241,12 @@ class FinetuneConfig(StageConfig):
     @field_validator("shots")
     @classmethod
     def _shots(cls, v: str) -> str:
-        parts = split_list(v)
-        if not parts:
-            raise ValueError("name at least one k (0 = all)")
-        for part in parts:
-            if not part.isdigit():
-                raise ValueError(f"k must be an integer ≥ 0 (got {part!r})")
-        if len(set(_ints(v))) != len(parts):
-            raise ValueError("a k is listed twice")
-        return v
+        return _check_ints(v, "k", "an integer ≥ 0 (0 = all)", negative=False)
 
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: str) -> str:
-        parts = split_list(v)
-        if not parts:
-            raise ValueError("name at least one seed")
-        for part in parts:
-            if not part.lstrip("-").isdigit():
-                raise ValueError(f"seeds are integers (got {part!r})")
-        if len(set(_ints(v))) != len(parts):
-            raise ValueError("a seed is listed twice")
-        return v
+        return _check_ints(v, "seed", "an integer", negative=True)
 
     @field_validator("lrs")
     @classmethod
