@@ -28,8 +28,9 @@ import sys
 _CHILD = r"""
 import json, resource, sys, time
 import torch
-from upstream import allocator, distributed, models, training
-from upstream.pretrain import Objective, PretrainConfig
+from upstream import allocator, models, training
+from upstream.pretrain import distributed
+from upstream.pretrain.stage import Objective, PretrainConfig
 
 model, batch, steps, keep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 if keep:

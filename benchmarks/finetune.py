@@ -43,7 +43,7 @@ import torch
 
 def _setup(home: Path) -> tuple[str, str]:
     from upstream.pretrain import PretrainConfig, pretrain
-    from upstream.shard import ShardConfig, shard
+    from upstream.shards.stage import ShardConfig, shard
 
     data = str(home / "digits")
     shard(ShardConfig.parse(source="digits", image_size=32, output=data, experiment="bench"))
@@ -56,9 +56,10 @@ def _setup(home: Path) -> tuple[str, str]:
 def lp_grid(data: str, ckpt_uri: str, cache: str, shots: list[int], seeds: list[int],
             c_grid: list[float], val: int) -> tuple[float, float, float]:
     """(cached, per (k, seed), per configuration) seconds for the same LP grid."""
-    from upstream import loader, models
+    from upstream import models
     from upstream.finetune import features, splits
     from upstream.finetune.probe import fit_probe
+    from upstream.shards import loader
 
     ckpt = models.load_checkpoint(ckpt_uri)
     manifest = loader.read_manifest(data)
@@ -128,8 +129,9 @@ def grid_vs_calls(data: str, ckpt: str, home: Path, shots: list[int], seeds: lis
 
 
 def extract_vs_bare(data: str, ckpt_uri: str, rounds: int) -> float:
-    from upstream import loader, models
+    from upstream import models
     from upstream.finetune.features import FEATURE_BATCH, extract_features
+    from upstream.shards import loader
 
     ckpt = models.load_checkpoint(ckpt_uri)
     encoder = models.encoder_from_state(ckpt["model_name"], ckpt["visual"]).eval()

@@ -5,7 +5,7 @@
 Three readers of the same JPEG bytes, with the same transform (RandomResizedCrop(224) then
 ToTensor: PIL → float CHW), the same number of worker processes and the same batch size:
 
-- ``loader``: :class:`upstream.loader.Stream` over upstream shards on the local S3 server
+- ``loader``: :class:`upstream.shards.loader.Stream` over upstream shards on the local S3 server
   (SeaweedFS, started here in a temporary ``UPSTREAM_HOME`` and stopped at the end);
 - ``imagefolder``: ``torchvision.datasets.ImageFolder`` + ``torch.utils.data.DataLoader``
   (``shuffle=True``) over the same images as files on local disk;
@@ -51,8 +51,9 @@ from PIL import Image, ImageDraw
 from torchvision import datasets
 from torchvision import transforms as T
 
-from upstream import loader, services, storage
-from upstream.shard import ShardConfig, shard
+from upstream import services, storage
+from upstream.shards import loader
+from upstream.shards.stage import ShardConfig, shard
 
 SIDE = 256
 CLASSES = 10

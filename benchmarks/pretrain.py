@@ -46,16 +46,18 @@ from unittest import mock
 
 import torch
 
-from upstream import allocator, loader, models, services, storage
-from upstream.pretrain import Objective, PretrainConfig, pretrain
-from upstream.shard import ShardConfig, shard
+from upstream import allocator, models, services, storage
+from upstream.pretrain.stage import Objective, PretrainConfig, pretrain
+from upstream.shards import loader
+from upstream.shards.stage import ShardConfig, shard
 
 MODEL = "upstream-tiny-rn"  # the default of --model
 
 
 def bare(config: PretrainConfig, steps: int, image_size: int, captions: list[str]) -> float:
     """Samples/s of forward + backward + AdamW on in-memory tensors (first step left out)."""
-    from upstream import distributed, training
+    from upstream import training
+    from upstream.pretrain import distributed
 
     world = distributed.init()
     torch.manual_seed(0)

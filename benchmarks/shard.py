@@ -5,10 +5,11 @@
 Makes an ImageFolder of structured 256×256 JPEGs in a temporary folder, then times, on the
 same images with the same work per image (decode, resize to a 128 px square, JPEG encode):
 
-- ``stage``: ``upstream.shard.shard`` writing them to a local folder with its default workers,
-  the whole call timed: planning, encoding, tars, the copy into the output, the manifest,
-  sizes and the MLflow run (tracking to a SQLite file in the temporary folder, created by a
-  warm-up call first: creating a tracking database is once per store, not per call);
+- ``stage``: ``upstream.shards.stage.shard`` writing them to a local folder with its default
+  workers, the whole call timed: planning, encoding, tars, the copy into the output, the
+  manifest, sizes and the MLflow run (tracking to a SQLite file in the temporary folder,
+  created by a warm-up call first: creating a tracking database is once per store, not per
+  call);
 - ``naive``: one process reading, resizing and encoding each image and writing the same
   shards with ``webdataset.TarWriter``;
 - ``encode_bound``: only decode + resize + encode of the same images in a process pool of the
@@ -133,7 +134,7 @@ def naive(files: list[tuple[Path, int]], output: Path) -> float:
 
 
 def encode_bound(files: list[tuple[Path, int]], workers: int) -> float:
-    from upstream.workerpool import chunk_size
+    from upstream.shards.workerpool import chunk_size
 
     paths = [str(p) for p, _ in files]
     began = time.perf_counter()
@@ -145,7 +146,7 @@ def encode_bound(files: list[tuple[Path, int]], workers: int) -> float:
 
 
 def stage(folder: Path, output: Path) -> float:
-    from upstream.shard import ShardConfig, shard
+    from upstream.shards.stage import ShardConfig, shard
 
     config = ShardConfig.parse(
         source=f"imagefolder:{folder}",

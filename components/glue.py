@@ -71,7 +71,7 @@ def write_plots_html(html: Any, run_id: str | None, title: str, before: str = ""
 
 
 def run_shard(dataset: Any, data_root: str, run_group: str = "", **knobs: Any) -> None:
-    from upstream.shard import ShardConfig, data_fingerprint, shard
+    from upstream.shards.stage import ShardConfig, data_fingerprint, shard
 
     _setup(run_group)
     unplaced = ShardConfig.parse(**knobs)
@@ -99,8 +99,8 @@ def run_pretrain(
     output = storage.join(work_root, "pretrain", unplaced.fingerprint())
     config = PretrainConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output)
     if config.nodes > 1:  # a PyTorchJob across nodes; this pod only creates it and waits
-        from upstream import pretrain_job
         from upstream.components.factory import BASE_IMAGE
+        from upstream.pretrain import job as pretrain_job
 
         result = pretrain_job.run(config, os.environ.get("UPSTREAM_IMAGE") or BASE_IMAGE)
     else:  # this pod: one process, or torchrun over its GPUs (procs_per_node)

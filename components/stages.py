@@ -7,7 +7,7 @@ from upstream.evaluate import CorruptConfig, EvaluateConfig
 from upstream.finetune import FinetuneConfig
 from upstream.pretrain import PretrainConfig
 from upstream.report import ReportConfig
-from upstream.shard import ShardConfig
+from upstream.shards.stage import ShardConfig
 
 DATA_ROOT = Param(
     "data_root",

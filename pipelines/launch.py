@@ -27,7 +27,7 @@ def _check_values(name: str, values: dict[str, Any]) -> list[Any]:
     from upstream.data import check_source
     from upstream.data.sources import parse_sources
     from upstream.pipelines.registry import stage_configs
-    from upstream.shard import ShardConfig, check_without_images
+    from upstream.shards.stage import ShardConfig, check_without_images
 
     #: Sources that open cheaply (folders, tables, class counts; no image made); the others
     #: would download (torchvision) or copy shards (wds), so their shard step checks them.

@@ -36,7 +36,7 @@ from upstream.evaluate import CorruptConfig, EvaluateConfig
 from upstream.finetune import FinetuneConfig
 from upstream.pretrain import PretrainConfig
 from upstream.report import ReportConfig
-from upstream.shard import ShardConfig
+from upstream.shards.stage import ShardConfig
 
 #: Kubernetes Secret with the S3 keys and ConfigMap with the endpoints (the cluster provides
 #: both), mounted as environment variables so that no credential is in the compiled YAML.

@@ -42,7 +42,7 @@ def training_env(training_home: Path) -> Iterator[Path]:
 
 
 def _shard(home: Path, name: str, **kw: Any) -> str:
-    from upstream.shard import ShardConfig, shard
+    from upstream.shards.stage import ShardConfig, shard
 
     out = str(home / "data" / name)
     with env_for(home):

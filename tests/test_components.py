@@ -23,7 +23,7 @@ from upstream.pipelines.registry import stage_configs
 from upstream.pipelines.transfer import PARAMS, transfer
 from upstream.pretrain import PretrainConfig
 from upstream.report import ReportConfig
-from upstream.shard import ShardConfig
+from upstream.shards.stage import ShardConfig
 
 KFP_TYPE = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool: "BOOLEAN"}
 
@@ -118,7 +118,7 @@ def test_stage_configs_accept_defaults_and_name_bad_values() -> None:
 
 def test_every_data_intervention_is_a_pipeline_parameter() -> None:
     from upstream.pipelines.transfer import PARAMS
-    from upstream.shard import ShardConfig
+    from upstream.shards.stage import ShardConfig
 
     names = {p.name for p in PARAMS}
     for field in ("source", "proportions", "num_samples", "classes", "hierarchy",

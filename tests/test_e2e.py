@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from upstream import loader, storage
+from upstream import storage
+from upstream.shards import loader
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from upstream import loader
 from upstream.errors import UpstreamError
 from upstream.evaluate import CorruptConfig, EvaluateConfig, corrupt, evaluate, scores
 from upstream.evaluate.metrics import top5_hits
+from upstream.shards import loader
 
 pytest_plugins = ["helpers_training"]
 pytestmark = pytest.mark.usefixtures("training_env")
@@ -115,7 +115,7 @@ def _as_imagefolder(shards: str, root: Path, keep: set[str] | None = None) -> Pa
 
 
 def _shard(source: str, out: Path) -> str:
-    from upstream.shard import ShardConfig, shard
+    from upstream.shards.stage import ShardConfig, shard
 
     shard(ShardConfig.parse(source=source, split="test", image_size=32, output=str(out),
                             experiment=EXPERIMENT))

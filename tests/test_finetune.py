@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from upstream import loader, models
+from upstream import models
 from upstream.errors import UpstreamError
 from upstream.finetune import FinetuneConfig, finetune, fit_probe, read_grid
 from upstream.finetune import splits as splits_mod
 from upstream.finetune.config import PRESETS
+from upstream.shards import loader
 
 pytest_plugins = ["helpers_training"]
 pytestmark = pytest.mark.usefixtures("training_env")

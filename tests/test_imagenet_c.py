@@ -20,7 +20,7 @@ from upstream.data.base import seed_words
 from upstream.data.corruptions import CHOICES, IMAGENET_C, KINDS
 from upstream.data.corruptions import corrupt as corrupt_kind
 from upstream.errors import UpstreamError
-from upstream.shard import Corruption, ShardConfig, shard
+from upstream.shards.stage import Corruption, ShardConfig, shard
 
 #: Corruptions that draw from the generator (the others are functions of the image alone).
 RANDOM = {

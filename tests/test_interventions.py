@@ -33,7 +33,7 @@ from upstream.data.interventions import (
     water_fill,
 )
 from upstream.errors import UpstreamError
-from upstream.shard import ShardConfig
+from upstream.shards.stage import ShardConfig
 
 CIFAR100_COARSE = {
     "aquatic_mammals": "beaver dolphin otter seal whale",

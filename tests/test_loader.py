@@ -24,9 +24,10 @@ import pytest
 import torch
 from PIL import Image
 
-from upstream import loader, storage
+from upstream import storage
 from upstream.errors import UpstreamError
-from upstream.shard import ShardConfig, shard
+from upstream.shards import loader
+from upstream.shards.stage import ShardConfig, shard
 
 CONFIG = dict(source="digits", num_classes=3, samples_per_class=10, image_size=16, shard_size=8)
 N = 30
@@ -367,7 +368,7 @@ def test_equal_batches_on_every_rank_without_resampling(
     """3 ranks over shards of 8, 8, 8, 6 (unshuffled: rank 0 gets the 8 and the 6, ranks 1
     and 2 an 8 each): all stop at the count of the ranks with fewest, no sample comes twice."""
     counts, samples, everything = [], [], []
-    with caplog.at_level(logging.WARNING, logger="upstream.loader"):
+    with caplog.at_level(logging.WARNING, logger="upstream.shards.loader"):
         for rank in range(3):
             s = loader.stream(str(shards), batch_size=3, num_workers=workers, rank=rank,
                               world_size=3, shuffle_seed=None)
@@ -749,7 +750,7 @@ def test_native_decoding_of_bad_bytes_is_a_one_line_error() -> None:
 def test_tar_headers_summed_as_signed_bytes_are_read() -> None:
     """Some old tars sum the header as signed chars; tarfile reads them, and so does this
     reader (its fast unsigned check fails on them, the signed one must pass)."""
-    from upstream.tarread import Blocks, TarMembers
+    from upstream.shards.tarread import Blocks, TarMembers
 
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:

@@ -17,8 +17,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from upstream import loader, openclip_compat
-from upstream.shard import ShardConfig, shard
+from upstream import openclip_compat
+from upstream.shards import loader
+from upstream.shards.stage import ShardConfig, shard
 
 # 24 digits in 4 shards of 6: open_clip's two workers read two shards each, 12 samples, three
 # batches of 4, so that one epoch is every sample exactly once.
@@ -89,7 +90,7 @@ def test_plain_webdataset_reads_upstream_shards(written: tuple[Path, str]) -> No
 
 
 def test_plain_webdataset_reads_from_s3(written: tuple[Path, str], moto_s3: str) -> None:
-    """``import upstream.loader`` registers an ``s3://`` opener for webdataset."""
+    """``import upstream.shards.loader`` registers an ``s3://`` opener for webdataset."""
     folder, fmt = written
     uri = f"s3://{moto_s3}/{fmt}"
     shard(ShardConfig.parse(output=uri, image_format=fmt, **CONFIG))
@@ -176,7 +177,7 @@ def test_open_clip_trainer_trains_on_upstream_shards(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from upstream.shard import ShardConfig, shard
+    from upstream.shards.stage import ShardConfig, shard
 
     out = tmp_path / "shards"
     shard(ShardConfig.parse(source="shapes", samples_per_class=16, image_format="jpg",

@@ -21,9 +21,9 @@ from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from upstream import augment
 from upstream.errors import UpstreamError
-from upstream.objectives import NTXentLoss, ProjectionHead, clip_loss, gather_with_grad
+from upstream.pretrain import augment
+from upstream.pretrain.objectives import NTXentLoss, ProjectionHead, clip_loss, gather_with_grad
 
 # --- NT-Xent against the textbook formula -----------------------------------------------------
 

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from upstream import loader, models
+from upstream import models
 from upstream.errors import UpstreamError
 from upstream.pretrain import PretrainConfig, pretrain
+from upstream.shards import loader
 
 pytest_plugins = ["helpers_training"]
 pytestmark = pytest.mark.usefixtures("training_env")
@@ -135,7 +136,8 @@ def test_missing_bucket_fails_fast(moto_s3: str, shapes_train: str, mlflow_store
 def test_training_state_on_s3_resumes(moto_s3: str, shapes_train: str) -> None:
     """State objects and the ``latest`` pointer live on S3 like everything else; a run whose
     final checkpoint is gone resumes from the pointer and ends with the same weights."""
-    from upstream import storage, trainstate
+    from upstream import storage
+    from upstream.pretrain import trainstate
 
     out = f"s3://{moto_s3}/pt/state-run"
     kw = dict(output=out, method="supervised", epochs=2, checkpoint_every=3)

@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from upstream import loader, models, trainstate
+from upstream import models
 from upstream.errors import UpstreamError
-from upstream.pretrain import PretrainConfig, pretrain
+from upstream.pretrain import PretrainConfig, pretrain, trainstate
+from upstream.shards import loader
 
 pytest_plugins = ["helpers_training"]
 pytestmark = pytest.mark.usefixtures("training_env")

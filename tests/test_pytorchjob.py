@@ -23,7 +23,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from upstream.errors import UpstreamError
-from upstream.pytorchjob import (
+from upstream.pretrain.pytorchjob import (
     OPERATOR_ENV,
     SPEC_HASH_ANNOTATION,
     check_manifest,
@@ -547,9 +547,9 @@ def test_pipeline_step_runs_pretraining_as_a_pytorchjob(
     its "pods" are one real pre-training process on the config the job points to."""
     import shlex
 
-    from upstream import pretrain_job
     from upstream.pretrain import PretrainConfig, pretrain
-    from upstream.shard import ShardConfig, shard
+    from upstream.pretrain import job as pretrain_job
+    from upstream.shards.stage import ShardConfig, shard
 
     monkeypatch.setenv("UPSTREAM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -17,7 +17,7 @@ from PIL import Image
 from upstream import storage
 from upstream.data.corruptions import KINDS
 from upstream.errors import UpstreamError
-from upstream.shard import ShardConfig, data_fingerprint, shard
+from upstream.shards.stage import ShardConfig, data_fingerprint, shard
 
 pytestmark = pytest.mark.usefixtures("tracking_home")
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from upstream import loader
 from upstream.errors import UpstreamError
-from upstream.shard import ShardConfig, shard
+from upstream.shards import loader
+from upstream.shards.stage import ShardConfig, shard
 
 pytestmark = pytest.mark.usefixtures("tracking_home")
 

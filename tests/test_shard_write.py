@@ -25,14 +25,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import upstream.shard as shard_module
-from upstream import storage, tars
-from upstream.captioning import clip_templates
+import upstream.shards.stage as shard_module
+from upstream import storage
 from upstream.data import Source
 from upstream.data.base import BadImage, seed_words
 from upstream.errors import UpstreamError
-from upstream.loader import kshot_indices, load_split
-from upstream.shard import ShardConfig, per_shard, shard
+from upstream.shards import tars
+from upstream.shards.captioning import clip_templates
+from upstream.shards.loader import kshot_indices, load_split
+from upstream.shards.stage import ShardConfig, per_shard, shard
 
 pytestmark = pytest.mark.usefixtures("tracking_home")
 
@@ -533,7 +534,7 @@ def test_resume_after_kill(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
     before = {e["name"]: (out / e["name"]).stat().st_mtime_ns for e in done}
 
     config = ShardConfig.parse(output=str(out), image_size=128, shard_size=100)
-    with caplog.at_level(logging.INFO, logger="upstream.shard"):
+    with caplog.at_level(logging.INFO, logger="upstream.shards.stage"):
         resumed = shard(config)
     assert f"after {len(done)} finished shard(s)" in caplog.text
     assert {name: (out / name).stat().st_mtime_ns for name in before} == before
@@ -568,7 +569,7 @@ def test_resume_after_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     # A shard that went missing is written again, and everything after it.
     (out / "shard-000002.tar").unlink()
     source.bad = set()
-    with caplog.at_level(logging.INFO, logger="upstream.shard"):
+    with caplog.at_level(logging.INFO, logger="upstream.shards.stage"):
         resumed = shard(config)
     assert "after 2 finished shard(s)" in caplog.text
     reference = tmp_path / "reference"
@@ -586,7 +587,7 @@ def test_other_config_does_not_resume(tmp_path: Path, monkeypatch: pytest.Monkey
     assert (out / "shard-000003.tar").exists()
     source.bad = set()
     other = ShardConfig.parse(**{**config.model_dump(), "shard_size": 10})
-    with caplog.at_level(logging.INFO, logger="upstream.shard"):
+    with caplog.at_level(logging.INFO, logger="upstream.shards.stage"):
         m = shard(other)
     assert "finished shard" not in caplog.text
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.tar", "shard-000001.tar"]
@@ -604,7 +605,7 @@ def test_s3_set_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moto
         shard(config)
     assert storage.exists(f"{out}/.progress.json")
     source.bad = set()
-    with caplog.at_level(logging.INFO, logger="upstream.shard"):
+    with caplog.at_level(logging.INFO, logger="upstream.shards.stage"):
         m = shard(config)
     assert "after 4 finished shard(s)" in caplog.text
     names = sorted(u[len(out) + 1 :] for u in storage.list_files(out))

@@ -15,7 +15,7 @@ from upstream.data.corruptions import KINDS
 from upstream.data.fractals import category_maps
 from upstream.data.shapes import SHAPES
 from upstream.errors import UpstreamError
-from upstream.shard import ShardConfig
+from upstream.shards.stage import ShardConfig
 
 
 def pixels(img: Image.Image) -> np.ndarray:

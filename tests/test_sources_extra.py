@@ -353,7 +353,7 @@ def test_wds_damaged_tar_names_shard_and_last_good_key(tmp_path: Path, damage: s
 def upstream_shards(
     tracking_home: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict[str, Any]]:
-    from upstream.shard import ShardConfig, shard
+    from upstream.shards.stage import ShardConfig, shard
 
     out = tmp_path_factory.mktemp("shards") / "set"
     manifest = shard(

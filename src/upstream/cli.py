@@ -118,9 +118,10 @@ def _brief_summary(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _register_stages() -> None:
-    from upstream import evaluate, finetune, pretrain, report, shard
+    from upstream import evaluate, finetune, pretrain, report
+    from upstream.shards.stage import ShardConfig, shard
 
-    stage_command(shard.ShardConfig, shard.shard,
+    stage_command(ShardConfig, shard,
                   "Write a source as WebDataset shards plus manifest.json.")
     stage_command(pretrain.PretrainConfig, pretrain.pretrain,
                   "Pre-train an image encoder (clip, simclr or supervised) on shards.")

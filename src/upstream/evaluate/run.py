@@ -149,8 +149,9 @@ def _score_set(
 ) -> None:
     import torch
 
-    from upstream import loader, training
+    from upstream import training
     from upstream.finetune import features as feats
+    from upstream.shards import loader
 
     images: dict[str, torch.Tensor] = {}
 

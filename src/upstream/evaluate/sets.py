@@ -131,7 +131,7 @@ def read_suite(uri: str) -> dict[str, Any] | None:
 
 def resolve(id_data: str, ood_data: str) -> list[EvalSet]:
     """The ID set, then every OOD set (suites expanded), manifests read; names unique."""
-    from upstream import loader
+    from upstream.shards import loader
 
     def manifest_of(uri: str, what: str) -> dict[str, Any]:
         m = loader.read_manifest(uri)

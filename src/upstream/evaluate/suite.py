@@ -105,9 +105,10 @@ def suite_fingerprint(config: CorruptConfig, clean_fingerprint: str) -> str:
 
 def corrupt(config: CorruptConfig) -> dict[str, Any]:
     """Write every (corruption, severity) set, then ``suite.json``; return the suite."""
-    from upstream import loader, storage, tracking, training
+    from upstream import storage, tracking, training
     from upstream.evaluate.sets import SUITE_FILE, SUITE_FORMAT
-    from upstream.shard import ShardConfig, shard
+    from upstream.shards import loader
+    from upstream.shards.stage import ShardConfig, shard
 
     clean = loader.read_manifest(config.data)
     if clean.get("labelled") is False:

@@ -289,7 +289,7 @@ class FinetuneConfig(StageConfig):
             if self.batchnorm == "frozen":
                 raise ValueError("scratch trains BatchNorm statistics (a random tower's are "
                                  "meaningless frozen): leave batchnorm at preset or train")
-            from upstream.pretrain import _model_config_names
+            from upstream.pretrain.stage import _model_config_names
 
             if self.model not in _model_config_names():
                 raise ValueError(f"unknown model {self.model!r} (see open_clip.list_models())")

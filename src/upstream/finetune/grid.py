@@ -50,7 +50,7 @@ def class_counts(manifest: dict[str, Any]) -> dict[str, int]:
 def stored_kshot(data: str, shots: int, seed: int) -> list[int] | None:
     """The k-shot split the shard stage stored beside ``data``'s manifest, if it did.
 
-    Stored lists come from :func:`upstream.loader.kshot_indices` with the same arguments, so
+    Stored lists come from :func:`upstream.shards.loader.kshot_indices` with the same arguments, so
     reading one gives the same images as drawing them here.
     """
     from upstream import storage
@@ -128,7 +128,8 @@ class _Source:
 
 def _check(config: FinetuneConfig) -> tuple[str, dict[str, Any], list[str]]:
     """Every input check that needs no compute; returns (output, manifest, class names)."""
-    from upstream import loader, storage, training
+    from upstream import storage, training
+    from upstream.shards import loader
 
     output = training.output_location(config, config.output)
     storage.check_reachable(output)
@@ -165,8 +166,9 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from upstream import allocator, loader, storage, tracking, training
+    from upstream import allocator, storage, tracking, training
     from upstream.finetune import zeroshot
+    from upstream.shards import loader
 
     # Input checks, cheapest first, all before any image is decoded or model built.
     output, manifest, class_names = _check(config)

@@ -1,7 +1,7 @@
 """The k-shot training sample and the validation split of one (k, seed).
 
 Decision, for every k including k = 1: the training sample is ``k`` examples per class drawn
-with the seed (:func:`upstream.loader.kshot_indices`, the same lists the shard stage stores
+with the seed (:func:`upstream.shards.loader.kshot_indices`, the same lists the shard stage stores
 beside a manifest), and the validation split is ``val_per_class`` *other* examples per class of
 the same training data, drawn with the same seed. Learning rates and the probe's C are chosen
 on it; no test set is ever looked at. So at k = 1 a model trains on one image per class and is
@@ -52,7 +52,7 @@ def check_sizes(counts: dict[str, int], shots: Sequence[int], val_per_class: int
 def draw(labels: np.ndarray, k: int, seed: int, val_per_class: int,
          stored_train: Sequence[int] | None = None) -> Split:
     """The split of one (k, seed); ``stored_train``: the shard stage's stored k-shot list."""
-    from upstream.loader import kshot_indices
+    from upstream.shards.loader import kshot_indices
 
     labels = np.asarray(labels, dtype=np.int64)
     if k and stored_train is not None:

@@ -70,12 +70,12 @@ from PIL import Image
 
 from upstream import storage
 from upstream.errors import UpstreamError
-from upstream.tarread import Blocks, TarError, TarMembers, split_name
+from upstream.shards.tarread import Blocks, TarError, TarMembers, split_name
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-#: Manifest layouts this reader understands (``upstream.shard.FORMAT_VERSION``).
+#: Manifest layouts this reader understands (``upstream.shards.stage.FORMAT_VERSION``).
 FORMATS = (1,)
 #: Members that hold a sample's image, the first present wins.
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")

@@ -1,9 +1,9 @@
 """What each image becomes in a shard: resize, corruption, encoding, caption and metadata.
 
 :class:`EncodeJob` turns a position of the written order into a sample's bytes; worker
-processes run it (:mod:`upstream.workerpool`), the shard writer numbers and stores the results.
-A position's sample depends on nothing but the position, so the shards are the same bytes
-whatever the number of workers.
+processes run it (:mod:`upstream.shards.workerpool`), the shard writer numbers and stores the
+results. A position's sample depends on nothing but the position, so the shards are the same
+bytes whatever the number of workers.
 
 Decisions where the issue is silent:
 
@@ -28,10 +28,10 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
-from upstream import tars
-from upstream.captioning import Captioner
 from upstream.data import Source, corrupt, fit
 from upstream.data.base import BadImage
+from upstream.shards import tars
+from upstream.shards.captioning import Captioner
 
 #: Extensions a copied file may keep as its shard key: every WebDataset reader decodes them.
 RAW_KEYS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}

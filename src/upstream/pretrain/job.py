@@ -3,9 +3,9 @@ that runs torchrun in every pod, waits for it, and reads the result from the che
 
 The job's name derives from the config's output location (itself derived from the config's
 fingerprint), so a restarted step attaches to the job it created rather than starting a
-second one (:func:`upstream.pytorchjob.submit_and_wait`). Every pod reads the config from
-``{output}/job-config.json`` and gets the S3 and MLflow settings from the chart's Secret and
-ConfigMap.
+second one (:func:`upstream.pretrain.pytorchjob.submit_and_wait`). Every pod reads the config
+from ``{output}/job-config.json`` and gets the S3 and MLflow settings from the chart's Secret
+and ConfigMap.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from upstream import pytorchjob, storage
+from upstream import storage
 from upstream.errors import UpstreamError
-from upstream.pretrain import PretrainConfig, _completed
+from upstream.pretrain import pytorchjob
+from upstream.pretrain.stage import PretrainConfig, _completed
 
 #: What the Helm chart installs (charts/upstream): the S3 Secret, the settings ConfigMap and
 #: the service account whose Role may create PyTorchJobs.

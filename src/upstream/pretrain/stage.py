@@ -15,10 +15,11 @@ the negatives of its micro-batch on every rank (open_clip's ``accum_freq`` featu
 would give every micro-batch the whole batch's negatives, is not done here).
 
 Budget: ``train_samples`` samples seen (0: ``epochs`` passes over the data). Resumption:
-training state every ``checkpoint_every`` steps (:mod:`upstream.trainstate`); ``resume=auto``
-continues from the newest. Every step's random numbers are seeded from (seed, step, rank) and
-every batch's augmentations from (seed, epoch, rank, worker, batch), so a resumed run takes
-the steps an uninterrupted one would; with ``deterministic`` it ends with the same weights.
+training state every ``checkpoint_every`` steps (:mod:`upstream.pretrain.trainstate`);
+``resume=auto`` continues from the newest. Every step's random numbers are seeded from (seed,
+step, rank) and every batch's augmentations from (seed, epoch, rank, worker, batch), so a
+resumed run takes the steps an uninterrupted one would; with ``deterministic`` it ends with
+the same weights.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ METHODS = ("clip", "simclr", "supervised")
 def _model_config_names() -> frozenset[str]:
     """Names of open_clip's and upstream's model configs, found without importing open_clip
     (the import takes seconds; parsing a config should not)."""
-    folders = [Path(__file__).parent / "model_configs"]
+    folders = [Path(__file__).parent.parent / "model_configs"]
     spec = importlib.util.find_spec("open_clip")
     if spec is not None and spec.submodule_search_locations:
         folders += [Path(p, "model_configs") for p in spec.submodule_search_locations]
@@ -173,7 +174,7 @@ def _precision(config: PretrainConfig, cuda: bool) -> str:
 
 
 def _transform(config: PretrainConfig, image_size: int) -> Any:
-    from upstream import augment
+    from upstream.pretrain import augment
 
     if config.method == "simclr":
         return augment.simclr_views(image_size)
@@ -192,7 +193,7 @@ class Objective:
         import torch.nn.functional as F
         from torch import nn
 
-        from upstream import objectives
+        from upstream.pretrain import objectives
 
         method = config.method
 
@@ -247,17 +248,10 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     (rank 0); return {checkpoint, mlflow_run_id, final_loss, samples_per_s, steps}."""
     import torch
 
-    from upstream import (
-        allocator,
-        distributed,
-        loader,
-        models,
-        storage,
-        tracking,
-        training,
-        trainstate,
-    )
+    from upstream import allocator, models, storage, tracking, training
     from upstream.errors import UpstreamError
+    from upstream.pretrain import distributed, trainstate
+    from upstream.shards import loader
 
     # Everything that can be wrong with the input is checked before the model is built.
     models.validate_model_name(config.model)
@@ -637,19 +631,3 @@ def _finish(
     log.info("pretrain done: loss %.4f, %.0f samples/s, checkpoint %s, registered as %s",
              result["final_loss"], result["samples_per_s"], checkpoint_uri, name)
 
-
-if __name__ == "__main__":  # one torchrun process: ``python -m upstream.pretrain CONFIG.json``
-    from upstream.errors import UpstreamError
-    from upstream.logs import setup_logging
-
-    setup_logging()
-    try:
-        from upstream import storage
-
-        source = sys.argv[1]  # a local file (torchrun here) or an s3:// object (a PyTorchJob)
-        text = storage.read_bytes(source).decode() if storage.is_s3(source) else Path(
-            source).read_text()
-        pretrain(PretrainConfig.model_validate_json(text))
-    except UpstreamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

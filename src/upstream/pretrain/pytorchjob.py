@@ -64,7 +64,7 @@ CONTAINER_NAME = "pytorch"
 PORT_NAME = "pytorchjob-port"
 PORT = 23456
 SPEC_HASH_ANNOTATION = "upstream/spec-sha256"
-SCHEMA_PATH = Path(__file__).parent / "schemas" / "pytorchjob-v1.json"
+SCHEMA_PATH = Path(__file__).parent.parent / "schemas" / "pytorchjob-v1.json"
 #: Kubernetes version whose Pod schema the pod templates are checked against.
 K8S_VERSION = "1.30"
 

@@ -49,16 +49,16 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from upstream import storage, tracking
-from upstream.captioning import DEFAULT_CAPTION, Captioner
 from upstream.config import StageConfig, wiring
 from upstream.data import Source, SourceSpec, check_source, open_source
 from upstream.data.base import seed_words
 from upstream.data.interventions import GENERATED_KINDS, Interventions, Plan
 from upstream.data.sources import parse_sources
 from upstream.errors import UpstreamError
-from upstream.shardencode import DECODE_ERRORS, EncodeJob, Encoding
-from upstream.shardwriter import FinishedShard, ShardWriting, Uploader
-from upstream.workerpool import chunk_size, make_pool, ordered_results, spans
+from upstream.shards.captioning import DEFAULT_CAPTION, Captioner
+from upstream.shards.encode import DECODE_ERRORS, EncodeJob, Encoding
+from upstream.shards.workerpool import chunk_size, make_pool, ordered_results, spans
+from upstream.shards.writer import FinishedShard, ShardWriting, Uploader
 
 log = logging.getLogger(__name__)
 
@@ -726,7 +726,7 @@ def _kshot_lists(
     shots = [int(k) for k in split_list(config.kshot)]
     if not shots:
         return {}
-    from upstream.loader import kshot_indices
+    from upstream.shards.loader import kshot_indices
 
     out = {}
     for k in shots:

@@ -1,10 +1,10 @@
 """The shard writer: encoded samples into tar shards, in order, uploaded behind.
 
-The main process takes the workers' samples in order (:mod:`upstream.workerpool`), numbers
-them, and writes them into tar shards (the bytes ``webdataset.TarWriter`` writes, made faster:
-:mod:`upstream.tars`), cutting them by count and by bytes; an uploader thread uploads each
-finished shard while the next one is written. A local output gets its shards written in
-place, as ``.shard-NNNNNN.tar.part`` renamed when complete.
+The main process takes the workers' samples in order (:mod:`upstream.shards.workerpool`),
+numbers them, and writes them into tar shards (the bytes ``webdataset.TarWriter`` writes, made
+faster: :mod:`upstream.shards.tars`), cutting them by count and by bytes; an uploader thread
+uploads each finished shard while the next one is written. A local output gets its shards
+written in place, as ``.shard-NNNNNN.tar.part`` renamed when complete.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from upstream import storage, tars
+from upstream import storage
 from upstream.errors import UpstreamError
-from upstream.shardencode import Encoded, EncodeJob, Unreadable
-from upstream.workerpool import chunk_size, ordered_results, spans
+from upstream.shards import tars
+from upstream.shards.encode import Encoded, EncodeJob, Unreadable
+from upstream.shards.workerpool import chunk_size, ordered_results, spans
 
 
 @dataclass
