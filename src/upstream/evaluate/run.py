@@ -153,18 +153,20 @@ def _score_set(
     from upstream.finetune import features as feats
     from upstream.shards import loader
 
-    images: dict[str, torch.Tensor] = {}
+    # The shards are read once: with the images when a tower needs them, else for the labels
+    # alone (every tower's features came from the cache).
+    decoded: dict[str, Any] = {}
 
     def load() -> torch.Tensor:
-        if "x" not in images:
+        if "x" not in decoded:
             x, y, _ = loader.load_split(s.uri)
-            images["x"] = torch.as_tensor(x, dtype=torch.float32)
-            images["y"] = y
-        return images["x"]
+            decoded["x"] = torch.as_tensor(x, dtype=torch.float32)
+            decoded["y"] = y.numpy()
+        return decoded["x"]
 
-    labels = loader.load_labels(s.uri).numpy()
-    rows = len(labels)
+    rows = int(s.manifest["num_samples"])
     dev = training.device()
+    logits_of: list[tuple[int, np.ndarray]] = []
     for tower, members in groups.items():
         first = loaded[members[0]]
         encoder = classifiers[members[0]].encoder.to(dev)
@@ -180,22 +182,24 @@ def _score_set(
         encoder.cpu()
         for i in members:
             with torch.inference_mode():
-                logits = classifiers[i].logits(f.to(dev)).float().cpu().numpy()
-            a = alignments[(i, s.name)]
-            y = a.to_model[labels] if rows else labels.astype(np.int64)
-            # Only the scored classes compete (all of them, or the set's subset).
-            local = logits[:, a.scored]
-            pred = a.scored[local.argmax(1)] if rows else np.empty(0, dtype=np.int64)
-            top5 = None
-            if len(a.scored) >= 5:
-                top5 = metrics_mod.top5_hits(np.searchsorted(a.scored, y), local)
-            r = metrics_mod.scores(y, pred, loaded[i].class_names, top5)
-            r["classes"] = a.describe(len(loaded[i].class_names))
-            per_model[i][s.name] = r
-            preds[i][f"{s.name}/labels"] = y.astype(np.int16)
-            preds[i][f"{s.name}/preds"] = pred.astype(np.int16)
-            if top5 is not None:
-                preds[i][f"{s.name}/top5"] = top5
+                logits_of.append((i, classifiers[i].logits(f.to(dev)).float().cpu().numpy()))
+    labels = decoded["y"] if "y" in decoded else loader.load_labels(s.uri).numpy()
+    for i, logits in logits_of:
+        a = alignments[(i, s.name)]
+        y = a.to_model[labels] if rows else labels.astype(np.int64)
+        # Only the scored classes compete (all of them, or the set's subset).
+        local = logits[:, a.scored]
+        pred = a.scored[local.argmax(1)] if rows else np.empty(0, dtype=np.int64)
+        top5 = None
+        if len(a.scored) >= 5:
+            top5 = metrics_mod.top5_hits(np.searchsorted(a.scored, y), local)
+        r = metrics_mod.scores(y, pred, loaded[i].class_names, top5)
+        r["classes"] = a.describe(len(loaded[i].class_names))
+        per_model[i][s.name] = r
+        preds[i][f"{s.name}/labels"] = y.astype(np.int16)
+        preds[i][f"{s.name}/preds"] = pred.astype(np.int16)
+        if top5 is not None:
+            preds[i][f"{s.name}/top5"] = top5
 
 
 def summarise(sets: list[EvalSet], scored: dict[str, dict[str, Any]]) -> dict[str, float]:

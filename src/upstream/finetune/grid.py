@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from upstream.errors import UpstreamError
 from upstream.finetune import splits
-from upstream.finetune.config import ZERO_SHOT, Cell, FinetuneConfig
+from upstream.finetune.config import TRAINED, ZERO_SHOT, Cell, FinetuneConfig
 from upstream.tracking import GROUP_ENV
 
 if TYPE_CHECKING:
@@ -92,6 +92,8 @@ class _Source:
             self.tower = features.tower_fingerprint(self.ckpt["visual"])
         self.vit = models.tower_is_vit(self.model_name)
         self.pconf: dict[str, Any] = self.ckpt.get("config", {})
+        #: What the towers come from, as every run and model file of the call records it.
+        self.lineage = self._lineage()
 
     def encoder(self, seed: int | None = None) -> Any:
         """A fresh encoder: the checkpoint's tower, or a random one drawn with ``seed``."""
@@ -105,7 +107,7 @@ class _Source:
                 return models.build_image_encoder(self.model_name)
         return models.encoder_from_state(self.model_name, self.ckpt["visual"])
 
-    def lineage(self) -> dict[str, str]:
+    def _lineage(self) -> dict[str, str]:
         if self.scratch:
             return {"pretrain.method": "none", "pretrain.model": self.model_name,
                     "pretrain.source": "none", "pretrain.data_fingerprint": "",
@@ -183,9 +185,6 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     recipe = config.recipe()
 
     t0 = time.perf_counter()
-    labels = loader.load_labels(config.data).numpy().astype(np.int64)
-    if (labels < 0).any():
-        raise UpstreamError(f"finetune: {config.data} has samples without a label")
     images: dict[str, torch.Tensor] = {}
 
     def all_images() -> torch.Tensor:
@@ -194,13 +193,24 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             images["x"] = torch.as_tensor(x, dtype=torch.float32)
         return images["x"]
 
+    # The shards are read once: with the images when a mode trains on them; an LP or zero-shot
+    # grid reads the labels alone, and its features may all come from the cache.
+    if any(m in TRAINED for m in modes):
+        x, y, _ = loader.load_split(config.data)
+        images["x"] = torch.as_tensor(x, dtype=torch.float32)
+        labels = y.numpy().astype(np.int64)
+    else:
+        labels = loader.load_labels(config.data).numpy().astype(np.int64)
+    if (labels < 0).any():
+        raise UpstreamError(f"finetune: {config.data} has samples without a label")
+
     allocator.keep_freed_memory()  # freed memory stays for the next step
     data_fp = training.manifest_fingerprint(manifest)
     parent_tags = {
         "upstream.role": "grid",
-        "upstream.method": source.lineage()["pretrain.method"],
+        "upstream.method": source.lineage["pretrain.method"],
         "upstream.model": source.model_name,
-        "upstream.source": source.lineage()["pretrain.source"],
+        "upstream.source": source.lineage["pretrain.source"],
         "upstream.downstream": training.manifest_source(manifest),
         "upstream.modes": config.modes,
     }
@@ -214,7 +224,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             "data.num_classes": len(class_names),
             "grid.num_cells": len(cells),
             "output.grid": storage.join(output, GRID_FILE),
-            **source.lineage(),
+            **source.lineage,
             **recipe.params(),
         })
         runner = _Runner(config, source, recipe, labels, class_names, all_images, data_fp,
@@ -383,9 +393,9 @@ class _Runner:
             "upstream.stage": "finetune",
             "upstream.role": "cell",
             "upstream.selected": "false",
-            "upstream.method": self.source.lineage()["pretrain.method"],
+            "upstream.method": self.source.lineage["pretrain.method"],
             "upstream.model": self.source.model_name,
-            "upstream.source": self.source.lineage()["pretrain.source"],
+            "upstream.source": self.source.lineage["pretrain.source"],
             "upstream.downstream": training.manifest_source(self.manifest),
             "upstream.fingerprint": self.config.fingerprint(),
         }
@@ -499,7 +509,7 @@ class _Runner:
 
         uri = storage.join(self.output, folder, models.MODEL_FILE)
         lineage = {
-            **self.source.lineage(),
+            **self.source.lineage,
             "finetune.mode": cell.mode,
             "finetune.shots": "none" if cell.shots is None else str(cell.shots),
             "finetune.seed": "none" if cell.seed is None else str(cell.seed),
