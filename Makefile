@@ -1,5 +1,5 @@
-# Two commands on a fresh machine: `make demo` (set up, run the local study) and
-# `make test` (set up, lint, check the compiled pipelines, run the tests).
+# Two commands on a fresh machine: `make demo` (set up, run the miniature Entezari et al.
+# study locally) and `make test` (set up, lint, check the compiled pipelines, run the tests).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/upstream run transfer --local
+	$(BIN)/upstream run study --local studies/entezari-mini.yaml
 
 lint: setup
 	$(BIN)/ruff check src components pipelines tests benchmarks

@@ -14,11 +14,11 @@ import base64
 import json
 import logging
 import os
-import re
+import time
 from pathlib import Path
 from typing import Any
 
-from upstream import storage
+from upstream import locations, storage
 from upstream.logs import setup_logging
 from upstream.tracking import GROUP_ENV
 
@@ -71,14 +71,11 @@ def write_plots_html(html: Any, run_id: str | None, title: str, before: str = ""
 
 
 def run_shard(dataset: Any, data_root: str, run_group: str = "", **knobs: Any) -> None:
-    from upstream.shards.stage import ShardConfig, data_fingerprint, shard
+    from upstream.locations import shard_output
+    from upstream.shards.stage import ShardConfig, shard
 
     _setup(run_group)
-    unplaced = ShardConfig.parse(**knobs)
-    # Readable but safe in an S3 key: mixtures, paths and URIs in the source are flattened.
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", unplaced.source).strip("-.")[:48] or "data"
-    name = f"{slug}-{unplaced.split}-{data_fingerprint(unplaced)}"
-    output = storage.join(data_root, "shards", name)
+    output = shard_output(data_root, ShardConfig.parse(**knobs))
     manifest = shard(ShardConfig.parse(**knobs, output=output))
     write_pointer(
         dataset,
@@ -92,19 +89,13 @@ def run_shard(dataset: Any, data_root: str, run_group: str = "", **knobs: Any) -
 def run_pretrain(
     data: Any, checkpoint: Any, plots: Any, work_root: str, run_group: str = "", **knobs: Any
 ) -> None:
-    from upstream.pretrain import PretrainConfig, pretrain
+    from upstream.pretrain import PretrainConfig
 
     _setup(run_group)
     unplaced = PretrainConfig.parse(**knobs, data=read_pointer(data))
-    output = storage.join(work_root, "pretrain", unplaced.fingerprint())
-    config = PretrainConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output)
-    if config.nodes > 1:  # a PyTorchJob across nodes; this pod only creates it and waits
-        from upstream.components.factory import BASE_IMAGE
-        from upstream.pretrain import job as pretrain_job
-
-        result = pretrain_job.run(config, os.environ.get("UPSTREAM_IMAGE") or BASE_IMAGE)
-    else:  # this pod: one process, or torchrun over its GPUs (procs_per_node)
-        result = pretrain(config)
+    output = locations.pretrain_output(work_root, unplaced)
+    result = _pretrain(PretrainConfig.parse(**unplaced.model_dump(exclude={"output"}),
+                                            output=output))
     write_pointer(checkpoint, result["checkpoint"], **_scalar_facts(result))
     write_plots_html(plots, result.get("mlflow_run_id"), "Pre-training")
 
@@ -115,7 +106,7 @@ def run_corrupt(data: Any, suite: Any, data_root: str, run_group: str = "",
 
     _setup(run_group)
     unplaced = CorruptConfig.parse(**knobs, data=read_pointer(data))
-    output = storage.join(data_root, "suites", unplaced.fingerprint())
+    output = locations.suite_output(data_root, unplaced)
     result = corrupt(CorruptConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output))
     write_pointer(suite, output, num_sets=len(result["sets"]), fingerprint=result["fingerprint"])
 
@@ -124,8 +115,8 @@ def _finetune_step(finetuned: Any, plots: Any, work_root: str, title: str,
                    **values: Any) -> None:
     from upstream.finetune import FinetuneConfig, finetune
 
-    unplaced = FinetuneConfig.parse(**values, feature_cache=storage.join(work_root, "features"))
-    output = storage.join(work_root, "finetune", unplaced.fingerprint())
+    unplaced = FinetuneConfig.parse(**values, feature_cache=locations.feature_cache(work_root))
+    output = locations.finetune_output(work_root, unplaced)
     config = FinetuneConfig.parse(**unplaced.model_dump(exclude={"output"}), output=output)
     result = finetune(config)
     facts = _scalar_facts(result) | {f"val_top1 {k}": v for k, v in result["summary"].items()}
@@ -189,8 +180,10 @@ def run_evaluate(
         model=read_pointer(model),
         id_data=read_pointer(id_data),
         ood_data=f"{read_pointer(ood_data)},{read_pointer(ood_suite)}",
-        feature_cache=storage.join(work_root, "features"),
+        feature_cache=locations.feature_cache(work_root),
     )
+    # No output: each transfer run scores its models again, so that its report finds them
+    # under its own run group (a study reads its evaluations by location instead).
     result = evaluate(config)
     # Per (mode, k): the mean over seeds, which is what the Kubeflow UI can compare across runs.
     means: dict[str, list[float]] = {}
@@ -217,6 +210,10 @@ def run_report(report: Any, summary: Any, work_root: str, run_group: str = "",
     _setup(run_group)
     output = storage.join(work_root, "reports", run_group or "all")
     result = make_report(ReportConfig.parse(**knobs, group=run_group, output=output))
+    _report_artifacts(result, report, summary)
+
+
+def _report_artifacts(result: dict[str, Any], report: Any, summary: Any) -> None:
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(report.path).write_bytes(storage.read_bytes(result["html"]))
     # The Kubeflow UI renders the Markdown artifact alone: its tables, not the figure files
@@ -225,4 +222,116 @@ def run_report(report: Any, summary: Any, work_root: str, run_group: str = "",
     kept = [line for line in text.splitlines() if not line.lstrip().startswith("![")]
     Path(summary.path).parent.mkdir(parents=True, exist_ok=True)
     Path(summary.path).write_text("\n".join(kept) + "\n")
-    report.metadata.update({"uri": output, "mlflow_run_id": result.get("mlflow_run_id", "")})
+    report.metadata.update({"uri": result["output"],
+                            "mlflow_run_id": result.get("mlflow_run_id", "")})
+
+
+# -- the study pipeline ------------------------------------------------------------------------
+
+#: The item a plan step returns for a level with no unit: kfp.local 2.17 cannot collect the
+#: outputs of a loop that ran no iteration, so every loop runs at least this one, which does
+#: nothing and returns "".
+EMPTY_ITEM = {"id": "", "config": "", "finetune": "", "evaluate": "", "group": ""}
+
+
+def _study_plan(spec: str, data_root: str, work_root: str) -> Any:
+    from upstream.study import plan as study_plan
+    from upstream.study import spec as study_spec
+
+    parsed, text = study_spec.load(spec)
+    return study_plan.build(parsed, data_root, work_root, text), text
+
+
+def run_study_plan(spec: str, level: str, data_root: str, work_root: str) -> list[dict[str, str]]:
+    from upstream.study import plan as study_plan
+
+    setup_logging("%(asctime)s %(name)s: %(message)s")
+    plan, text = _study_plan(spec, data_root, work_root)
+    if level == "shard":  # the first step: every check that reads no image, before any unit
+        study_plan.check_sizes(plan, text)
+    items = [item | {"group": plan.spec.name} for item in plan.items(level)]
+    log.info("study %s: %d %s unit(s)", plan.spec.name, len(items), level)
+    return items or [dict(EMPTY_ITEM)]
+
+
+def run_study_unit(kind: str, unit: str, run_group: str, plots: Any = None,
+                   expect_model: str | None = None) -> str:
+    """Run one unit of a study from its config's JSON; return its output location."""
+    if not unit:  # the stand-in item of an empty level
+        if plots is not None:
+            write_plots_html(plots, None, f"{kind}: nothing to do")
+        return ""
+    _setup(run_group)
+    started = time.perf_counter()
+    try:
+        return _study_unit(kind, json.loads(unit), plots, expect_model)
+    finally:
+        # The step's own compute, apart from the process around it (benchmarks/study.py).
+        log.info("study unit %s: %.2f s in the stage", kind, time.perf_counter() - started)
+
+
+def _study_unit(kind: str, values: dict[str, Any], plots: Any,
+                expect_model: str | None) -> str:
+    title = {"pretrain": "Pre-training", "finetune": "Fine-tuning", "evaluate": "Evaluation"}
+    if kind == "shard":
+        from upstream.shards.stage import ShardConfig, shard
+
+        shard(ShardConfig.parse(**values))
+        return str(values["output"])
+    if kind == "corrupt":
+        from upstream.evaluate.suite import CorruptConfig, corrupt
+
+        corrupt(CorruptConfig.parse(**values))
+        return str(values["output"])
+    if kind == "pretrain":
+        from upstream.pretrain import PretrainConfig
+
+        result = _pretrain(PretrainConfig.parse(**values))
+    elif kind == "finetune":
+        from upstream.finetune import FinetuneConfig, finetune
+
+        result = finetune(FinetuneConfig.parse(**values))
+    elif kind == "evaluate":
+        from upstream.errors import UpstreamError
+        from upstream.evaluate import EvaluateConfig, evaluate
+
+        config = EvaluateConfig.parse(**values)
+        if expect_model is not None and expect_model != config.model:
+            raise UpstreamError(f"study: evaluate got the grid {expect_model} but its config "
+                                f"names {config.model}")
+        result = evaluate(config)
+    else:
+        raise ValueError(f"no study unit of kind {kind!r}")
+    if plots is not None:
+        run_id = result.get("mlflow_run_id")
+        if kind == "evaluate":
+            run_id = result["models"][0]["mlflow_run_id"] if result.get("models") else None
+        write_plots_html(plots, run_id, title[kind])
+    return str(values["output"])
+
+
+def _pretrain(config: Any) -> dict[str, Any]:
+    from upstream.pretrain import pretrain
+
+    if config.nodes > 1:  # a PyTorchJob across nodes; this pod only creates it and waits
+        from upstream.components.factory import BASE_IMAGE
+        from upstream.pretrain import job as pretrain_job
+
+        return pretrain_job.run(config, os.environ.get("UPSTREAM_IMAGE") or BASE_IMAGE)
+    return pretrain(config)  # this pod: one process, or torchrun over its GPUs
+
+
+def run_study_report(spec: str, data_root: str, work_root: str, evaluations: list[str],
+                     report: Any, summary: Any) -> str:
+    from upstream.errors import UpstreamError
+    from upstream.report import report as make_report
+
+    plan, _ = _study_plan(spec, data_root, work_root)
+    _setup(plan.spec.name)
+    done = sorted(e for e in evaluations if e)
+    planned = sorted(u.output for u in plan.units["evaluate"])
+    if done != planned:
+        raise UpstreamError(f"study: {len(done)} evaluation(s) finished, {len(planned)} planned")
+    result = make_report(plan.report_config())
+    _report_artifacts(result, report, summary)
+    return str(result["output"])

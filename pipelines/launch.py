@@ -9,7 +9,6 @@ when this run started them.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import warnings
@@ -31,7 +30,9 @@ def _check_values(name: str, values: dict[str, Any]) -> list[Any]:
 
     #: Sources that open cheaply (folders, tables, class counts; no image made); the others
     #: would download (torchvision) or copy shards (wds), so their shard step checks them.
-    cheap = {"digits", "fractals", "shapes", "imagefolder", "captions"}
+    from upstream.study.plan import cheap_sources
+
+    cheap = cheap_sources()
     configs = stage_configs(name, values)
     for config in configs:
         if not isinstance(config, ShardConfig):
@@ -45,14 +46,47 @@ def _check_values(name: str, values: dict[str, Any]) -> list[Any]:
     return configs
 
 
+def inline_spec(values: dict[str, Any]) -> dict[str, Any]:
+    """A study's ``spec`` given as a local file: its text instead, so that no step depends on
+    this machine's working directory and a step's cache key is the spec's content."""
+    spec = values.get("spec")
+    if isinstance(spec, str) and "\n" not in spec and spec.endswith((".yaml", ".yml")) \
+            and "://" not in spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise UpstreamError(f"study spec {spec}: no such file")
+        return values | {"spec": path.read_text()}
+    return values
+
+
+def _study_facts(values: dict[str, Any]) -> tuple[str, str, str]:
+    """(MLflow experiment, run group, report page) of a study run with these values."""
+    from upstream.pipelines.study import PARAMS
+    from upstream.study import plan as study_plan
+    from upstream.study import spec as study_spec
+
+    v = {p.name: p.default for p in PARAMS} | values
+    spec, text = study_spec.load(v["spec"])
+    plan = study_plan.build(spec, v["data_root"], v["work_root"], text)
+    report = plan.units["report"][0].output
+    return spec.experiment_name, spec.name, storage.join(report, "report.html")
+
+
 def run_local(name: str, values: dict[str, Any], stop_services: bool = False) -> str:
-    """Run pipeline ``name`` here; return a summary of where its results are."""
+    """Run pipeline ``name`` here; return a summary of where its results are.
+
+    A study runs with kfp.local's cache on (under the pipeline root): a run killed part-way
+    and started again, or another study sharing units with it, finds the finished steps
+    cached. The transfer pipeline's report reads MLflow by its run's tag, so it runs uncached.
+    """
     from kfp import local
 
     from upstream import services
+    from upstream.pipelines import progress
     from upstream.pipelines.registry import pipelines
 
     pipeline, params = pipelines()[name]
+    values = inline_spec(values)
     _check_values(name, values)
     values = {p.name: p.default for p in params} | values
 
@@ -66,22 +100,28 @@ def run_local(name: str, values: dict[str, Any], stop_services: bool = False) ->
         root = home() / "pipeline-runs"
         root.mkdir(parents=True, exist_ok=True)
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
-                   raise_on_error=True)
+                   raise_on_error=True, enable_caching=name == "study")
         # The image is the one the steps would run in on a cluster; here they run in this
         # Python, which has upstream installed, as kfp warns. Display names only matter in a UI.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        before = set(root.iterdir())
-        t0 = dt.datetime.now()
-        try:
-            task = pipeline(**values)
-        except RuntimeError as e:
-            raise UpstreamError(f"local run of {name} failed: {e}") from None
-        elapsed = (dt.datetime.now() - t0).total_seconds()
-        new = sorted(set(root.iterdir()) - before)
-        run_dir = new[-1] if new else root
+        # A line per step and a bar on stderr; each step's log in <run folder>/logs/. A failed
+        # step raises UpstreamError naming it, after its log's tail is shown.
+        quiet = progress.QuietRun()
+        task = quiet.run(pipeline, values)
+        run_dir = quiet.run_dir or root
         metrics = dict(task.output.metadata) if task is not None and task.outputs else {}
-        summary = _summary(name, run_dir, elapsed, metrics, info, values)
+        if name == "study":
+            experiment, group, report = _study_facts(values)
+            page = run_dir / "study-report" / "report"
+            if page.is_file():  # the report step's HTML artifact: a page a browser opens here
+                (run_dir / "report.html").write_bytes(page.read_bytes())
+                report += f" (a copy: {run_dir / 'report.html'})"
+        else:
+            experiment = values.get("experiment", "upstream")
+            group, report = run_dir.name, _report_of(experiment, run_dir.name)
+        summary = _summary(name, run_dir, quiet.seconds, metrics, info, values, experiment,
+                           group, report)
     finally:
         if stop_services and started:
             services.down()
@@ -92,19 +132,19 @@ def run_local(name: str, values: dict[str, Any], stop_services: bool = False) ->
 
 def _summary(
     name: str, run_dir: Path, elapsed: float, metrics: dict[str, Any], info: Any,
-    values: dict[str, Any],
+    values: dict[str, Any], experiment: str, group: str, report: str | None,
 ) -> str:
-    lines = [f"{name} finished in {elapsed:.0f} s", f"pipeline outputs: {run_dir}"]
+    lines = [f"{name} finished in {elapsed:.0f} s", f"pipeline outputs: {run_dir}",
+             f"step logs: {run_dir / 'logs'}"]
     for key in sorted(metrics):
         lines.append(f"  {key}: {metrics[key]:.4f}")
     lines.append(f"data: {values.get('data_root')}   models: {values.get('work_root')}")
     url = info.ui_url
-    exp_id = _experiment_id(values.get("experiment", "upstream"))
+    exp_id = _experiment_id(experiment)
     # The runs page: MLflow 3's experiment page opens on a GenAI traces overview.
     runs_page = f"{url}/#/experiments/{exp_id}/runs" if exp_id else url
     lines.append(f"MLflow UI: {runs_page}")
-    lines.append(f"MLflow runs of this pipeline run carry the tag upstream.group={run_dir.name}")
-    report = _report_of(values.get("experiment", "upstream"), run_dir.name)
+    lines.append(f"MLflow runs of this pipeline run carry the tag upstream.group={group}")
     if report:
         lines.append(f"report: {report}")
     return "\n".join(lines)
@@ -141,6 +181,7 @@ def submit(name: str, values: dict[str, Any], host: str) -> str:
     from upstream.pipelines.registry import pipelines
 
     pipeline, _ = pipelines()[name]
+    values = inline_spec(values)
     _check_values(name, values)
     client = kfp.Client(host=host)
     result = client.create_run_from_pipeline_func(

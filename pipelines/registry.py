@@ -9,13 +9,14 @@ from upstream.components.factory import Param
 
 def pipelines() -> dict[str, tuple[Any, list[Param]]]:
     """name → (the @dsl.pipeline object, its parameters)."""
-    from upstream.pipelines import transfer
+    from upstream.pipelines import study, transfer
 
-    return {"transfer": (transfer.transfer, transfer.PARAMS)}
+    return {"transfer": (transfer.transfer, transfer.PARAMS),
+            "study": (study.study, study.PARAMS)}
 
 
 def stage_configs(name: str, values: dict[str, Any]) -> list[Any]:
     """Validate a run's parameter values: the stage configs it will use."""
-    from upstream.pipelines import transfer
+    from upstream.pipelines import study, transfer
 
-    return {"transfer": transfer.stage_configs}[name](values)
+    return {"transfer": transfer.stage_configs, "study": study.stage_configs}[name](values)

@@ -243,3 +243,29 @@ def test_set_names_are_checked() -> None:
                                                           ("", "/f/g")]
     with pytest.raises(UpstreamError, match="set name 'a b'"):
         parse_entries("a b=/x")
+
+
+def test_an_output_makes_a_rerun_a_no_op(
+    finetuned_digits: dict[str, Any], digits_test: str, mlflow_store: Any, tmp_path: Path,
+) -> None:
+    """With an output, evaluation.json is written last and lists the model runs; the same
+    config again returns it without scoring or logging anything; another config there is
+    refused. This is what lets a study's report read exactly its evaluations."""
+    import mlflow
+
+    out = tmp_path / "evaluation"
+    first = _evaluate(model=finetuned_digits["model"], id_data=digits_test, output=str(out))
+    assert not first["reused"]
+    stored = json.loads((out / "evaluation.json").read_text())
+    assert [m["mlflow_run_id"] for m in stored["models"]] == \
+        [m["mlflow_run_id"] for m in first["models"]]
+    assert stored["experiment_id"] == mlflow_store.run(first["mlflow_run_id"]).info.experiment_id
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    before = len(mlflow.search_runs([exp.experiment_id]))
+    again = _evaluate(model=finetuned_digits["model"], id_data=digits_test, output=str(out),
+                      batch_size=32)  # not decisive: the same evaluation
+    assert again["reused"] and again["mlflow_run_id"] == first["mlflow_run_id"]
+    assert len(mlflow.search_runs([exp.experiment_id])) == before
+    with pytest.raises(UpstreamError, match="holds another evaluation"):
+        _evaluate(model=finetuned_digits["model"], id_data=digits_test, output=str(out),
+                  predictions=False)

@@ -437,3 +437,31 @@ def test_s3_output_with_example_bootstrap(store: Store, moto_s3: str) -> None:
     assert (ok["er_examples_low"] <= ok["er_examples"]).all()
     assert (ok["er_examples"] <= ok["er_examples_high"]).all()
     assert math.isfinite(float(ok["er_examples_high"].iloc[0]))
+
+
+def test_evaluations_select_exactly_their_runs(store: Store, tmp_path: Path) -> None:
+    """A study's report reads the model runs its evaluations list (evaluation.json), whatever
+    their group: here the 'thin' runs split over two evaluation outputs."""
+    from upstream.report import ReportConfig, report
+
+    thin = [r["run_id"] for r in store.runs if r["group"] == "thin"]
+    outputs = []
+    for i, ids in enumerate((thin[:2], thin[2:])):
+        folder = tmp_path / f"eval{i}"
+        folder.mkdir()
+        (folder / "evaluation.json").write_text(json.dumps(
+            {"models": [{"mlflow_run_id": rid} for rid in ids]}))
+        outputs.append(str(folder))
+    out = tmp_path / "rep"
+    report(ReportConfig.parse(experiment=EXPERIMENT, group="main", output=str(out),
+                              evaluations=",".join(outputs), compare="none"))
+    t = pd.read_csv(out / "experiments.csv")
+    assert sorted(t["run_id"]) == sorted(thin)
+    (tmp_path / "eval1" / "evaluation.json").write_text(json.dumps(
+        {"models": [{"mlflow_run_id": "0" * 32}]}))
+    with pytest.raises(UpstreamError, match="not in MLflow"):
+        report(ReportConfig.parse(experiment=EXPERIMENT, output=str(tmp_path / "rep2"),
+                                  evaluations=",".join(outputs)))
+    with pytest.raises(UpstreamError, match="holds no evaluation.json"):
+        report(ReportConfig.parse(experiment=EXPERIMENT, output=str(tmp_path / "rep3"),
+                                  evaluations=str(tmp_path / "nowhere")))

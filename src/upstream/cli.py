@@ -8,11 +8,13 @@ non-zero exit (2 for bad input).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,15 +75,55 @@ def _use_local_services() -> None:
         services.apply_env(info)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything bound for stdout to stderr while the block runs.
+
+    Two levels, because output reaches stdout two ways: Python writes through ``sys.stdout``
+    (MLflow's "🏃 View run ... at: ..." lines are ``sys.stdout.write`` when a run ends), which
+    ``redirect_stdout`` catches; subprocesses and native code write to file descriptor 1, which
+    is pointed at descriptor 2 (only when ``sys.stdout`` is that descriptor: under typer's
+    CliRunner it is a buffer, and the process's fd 1 is not ours to move). Whatever was written
+    to the original ``sys.stdout`` object (a handler that kept a reference to it) is flushed
+    before fd 1 comes back, so it lands on stderr too.
+    """
+    out = sys.stdout
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        fd = -1
+    saved = -1
+    out.flush()
+    if fd == 1:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        out.flush()
+        sys.stderr.flush()
+        if saved != -1:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def stage_command(config_cls: type[StageConfig], run: Callable[[Any], Any], summary: str) -> None:
-    """Register ``upstream <stage>`` with one option per config field."""
+    """Register ``upstream <stage>`` with one option per config field.
+
+    A stage's stdout is its JSON result alone, so that ``upstream shard ... | jq`` and scripts
+    can parse it whole; logging, progress bars, MLflow's messages and any subprocess's output
+    go to stderr (see ``_stdout_to_stderr``).
+    """
 
     def command(**values: Any) -> None:
-        setup_logging()
-        config = config_cls.parse(**values)
-        _use_local_services()
-        result = run(config)
-        typer.echo(json.dumps(_brief(result), indent=2, default=str))
+        with _stdout_to_stderr():
+            setup_logging()
+            config = config_cls.parse(**values)
+            _use_local_services()
+            result = run(config)
+            text = json.dumps(_brief(result), indent=2, default=str)
+        typer.echo(text)
 
     params = [
         _option(name, f.annotation, f.default if not f.is_required() else ..., f.description or "")
@@ -157,6 +199,59 @@ def compile_cmd(
     typer.echo(f"{'checked' if check else 'wrote'} pipelines in {out}")
 
 
+_KFP_HOST = typer.Option(..., "--host", envvar="KF_PIPELINES_ENDPOINT",
+                         help="Kubeflow Pipelines API URL (e.g. http://localhost:8888 through "
+                         "a port-forward of svc/ml-pipeline).")
+_KFP_NAMESPACE = typer.Option("", "--namespace", help="Kubernetes namespace (multi-user "
+                              "Kubeflow: your profile's); empty: the backend's default.")
+_KFP_AUTH = ("The API token is read from $KF_PIPELINES_TOKEN, else from the file named by "
+             "$KF_PIPELINES_SA_TOKEN_PATH (or kfp's in-cluster token file), and sent as "
+             "'Authorization: Bearer'; it is never printed. A host that does not answer its "
+             "healthz within 5 s is an error.")
+
+
+@app.command("upload", help="Upload a compiled pipeline to Kubeflow Pipelines: a new "
+             "pipeline, or a new version of it (named --version, else PIPELINE-<sha256 of "
+             "the YAML, 12 hex digits>; re-uploading the same YAML changes nothing). Prints "
+             "the pipeline and version ids. " + _KFP_AUTH)
+@_guarded
+def upload_cmd(
+    pipeline: str = typer.Argument(..., help="Pipeline name (e.g. transfer)."),
+    host: str = _KFP_HOST,
+    version: str = typer.Option("", "--version", help="Name of the new version (default: "
+                                "PIPELINE-<sha256 prefix of the YAML>)."),
+    namespace: str = _KFP_NAMESPACE,
+) -> None:
+    from upstream.pipelines import kubeflow
+
+    result = kubeflow.upload(pipeline, host, version=version or None,
+                             namespace=namespace or None)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command("submit", help="Start a run of a pipeline on Kubeflow Pipelines (its compiled "
+             "YAML inline) with the parameters given; the others keep the YAML's defaults. "
+             "Values are checked against the parameters' types and validated before the "
+             "backend is contacted. " + _KFP_AUTH)
+@_guarded
+def submit_cmd(
+    pipeline: str = typer.Argument(..., help="Pipeline name (e.g. transfer)."),
+    host: str = _KFP_HOST,
+    param: list[str] = typer.Option([], "--param", help="NAME=VALUE of a pipeline parameter "
+                                    "(repeatable; lists and dicts as JSON)."),
+    spec: Path = typer.Option(None, "--spec", help="Study spec file whose text becomes the "
+                              "pipeline's `spec` parameter (pipelines with one only)."),
+    experiment: str = typer.Option("", "--experiment", help="KFP experiment of the run "
+                                   "(default: the run's `experiment` parameter)."),
+    namespace: str = _KFP_NAMESPACE,
+) -> None:
+    from upstream.pipelines import kubeflow
+
+    result = kubeflow.submit(pipeline, host, param, spec_file=spec,
+                             experiment=experiment or None, namespace=namespace or None)
+    typer.echo(json.dumps(result, indent=2))
+
+
 def _describe_services(info: Any) -> str:
     return "\n".join([
         f"S3 (SeaweedFS): {info.s3_endpoint}   data root: {info.data_root}",
@@ -213,6 +308,67 @@ def services_status() -> None:
     typer.echo(_describe_services(info))
 
 
+study_app = typer.Typer(help="Study specs: what a spec expands to, and its checks.",
+                        no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+def _study_plan(spec_file: str, data_root: str, work_root: str) -> tuple[Any, dict[str, Any]]:
+    from upstream.study import plan as study_plan
+    from upstream.study import spec as study_spec
+
+    if not Path(spec_file).is_file() and "://" not in spec_file:
+        raise UpstreamError(f"study spec {spec_file}: no such file")
+    spec, text = study_spec.load(spec_file)
+    plan = study_plan.build(spec, data_root, work_root, text, spec_file)
+    counts = study_plan.check_sizes(plan, text, spec_file)
+    return plan, counts
+
+
+_SPEC_ARG = typer.Argument(..., help="The study spec (a .yaml file).")
+_DATA_ROOT_OPT = typer.Option("s3://upstream/data", "--data-root",
+                              help="Where the study's shards go (as the pipeline's data_root).")
+_WORK_ROOT_OPT = typer.Option("s3://upstream/runs", "--work-root",
+                              help="Where its models go (as the pipeline's work_root).")
+
+
+@study_app.command("plan")
+@_guarded
+def study_plan_cmd(
+    spec_file: str = _SPEC_ARG,
+    data_root: str = _DATA_ROOT_OPT,
+    work_root: str = _WORK_ROOT_OPT,
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    units: bool = typer.Option(False, "--units", help="Also list every unit and its output."),
+) -> None:
+    """Print the units a spec expands to (after sharing) and an estimate of compute time."""
+    from upstream.study import plan as study_plan
+
+    plan, counts = _study_plan(spec_file, data_root, work_root)
+    summary = study_plan.summary(plan, counts)
+    if units or as_json:
+        summary["unit_list"] = [{"kind": u.kind, "id": u.key, "output": u.output,
+                                 "used_by": u.names}
+                                for k in study_plan.KINDS for u in plan.units[k]]
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(study_plan.render(summary))
+
+
+@study_app.command("validate")
+@_guarded
+def study_validate_cmd(
+    spec_file: str = _SPEC_ARG,
+    data_root: str = _DATA_ROOT_OPT,
+    work_root: str = _WORK_ROOT_OPT,
+) -> None:
+    """Check a spec without running anything: fields, names, the grid, sources, k per class."""
+    plan, _ = _study_plan(spec_file, data_root, work_root)
+    n = sum(len(v) for v in plan.units.values())
+    typer.echo(f"ok: {spec_file} is a valid study ({n} units)")
+
+
 def _register_pipelines() -> None:
     from upstream.pipelines.registry import pipelines
 
@@ -251,7 +407,15 @@ def _register_pipeline(name: str, pipeline: Any, params: list[Any]) -> None:
                           "stop the local services at the end (they stay up by default so that "
                           "the MLflow UI can be browsed).")),
     ]
-    opts += [_option(p.name, p.type, p.default, p.description) for p in params]
+    for p in params:
+        if p.name == "spec":  # a study: the spec file is the command's argument
+            opts.append(inspect.Parameter(
+                "spec", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                default=typer.Argument(p.default, help="The study spec: a .yaml file (its "
+                                       "text is passed to the run) or a shipped study's "
+                                       "name.")))
+        else:
+            opts.append(_option(p.name, p.type, p.default, p.description))
     command.__signature__ = inspect.Signature(opts)  # type: ignore[attr-defined]
     doc = (pipeline.description or name).strip()
     run_app.command(name=name, help=doc)(_guarded(command))

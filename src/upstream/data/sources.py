@@ -1,11 +1,12 @@
 """``ShardConfig.source`` strings → :class:`Source` objects.
 
-``digits``, ``fractals``, ``shapes``, ``imagefolder:DIR``, ``captions:TABLE``, ``wds:SHARDS``
-or ``torchvision:NAME``. Checking a string happens in three steps, each as early as it can be:
-its syntax when the config is parsed (:func:`parse_source`), what needs no data before any
-other work (:func:`check_source`: a torchvision name exists, a table or local shards exist),
-and everything about the data itself when it is opened (:func:`open_source`: columns, files,
-tar headers, classes), still before a single image is written.
+``digits``, ``fractals``, ``shapes``, ``clutter``, ``imagefolder:DIR``, ``captions:TABLE``,
+``wds:SHARDS`` or ``torchvision:NAME``. Checking a string happens in three steps, each as
+early as it can be: its syntax when the config is parsed (:func:`parse_source`), what needs
+no data before any other work (:func:`check_source`: a torchvision name exists, a table or
+local shards exist), and everything about the data itself when it is opened
+(:func:`open_source`: columns, files, tar headers, classes), still before a single image is
+written.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from dataclasses import dataclass
 from upstream.data.base import Source, subset
 from upstream.errors import UpstreamError
 
-SYNTHETIC = ("digits", "fractals", "shapes")
+SYNTHETIC = ("digits", "fractals", "shapes", "clutter")
+#: Kinds made from ``num_classes`` × ``samples_per_class`` when opened, so that the plan does
+#: not cut them again (it knows clutter by the source's ``generated`` attribute).
+GENERATED = frozenset({"fractals", "shapes", "clutter"})
 #: Each kind that takes an argument, and what the argument is called in messages.
 WITH_ARGUMENT = {"imagefolder": "DIR", "captions": "TABLE", "wds": "SHARDS", "torchvision": "NAME"}
 KINDS = SYNTHETIC + tuple(WITH_ARGUMENT)
@@ -103,6 +107,16 @@ def open_source(
         from upstream.data.shapes import ShapeSource
 
         return ShapeSource(
+            split,
+            num_classes=num_classes,
+            instances=samples_per_class,
+            image_size=image_size,
+            seed=seed,
+        )
+    if spec.kind == "clutter":
+        from upstream.data.clutter import ClutterSource
+
+        return ClutterSource(
             split,
             num_classes=num_classes,
             instances=samples_per_class,

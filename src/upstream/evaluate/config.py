@@ -19,7 +19,7 @@ from upstream.config import StageConfig, wiring
 class EvaluateConfig(StageConfig):
     stage: ClassVar[str] = "evaluate"
     not_decisive: ClassVar[frozenset[str]] = frozenset({"experiment", "feature_cache",
-                                                        "batch_size"})
+                                                        "batch_size", "output"})
 
     model: str = wiring(
         description="Fine-tuned model(s): a model file or its folder, a fine-tuning grid's "
@@ -29,6 +29,11 @@ class EvaluateConfig(StageConfig):
     ood_data: str = wiring(
         "", description="Out-of-distribution sets: a comma list of shard folders, each "
         "optionally named (name=URI); a corruption suite's folder stands for all its sets."
+    )
+    output: str = wiring(
+        "", description="Folder or s3:// prefix for evaluation.json (the model runs and their "
+        "scores), written last; a call whose output holds it for this config does nothing. "
+        "Empty: results only in MLflow."
     )
     feature_cache: str = wiring(
         "", description="Cache of frozen features (shared towers, e.g. LP models); default "

@@ -79,9 +79,46 @@ class _Model:
         return tags
 
 
+#: The completion marker of an evaluation with an ``output``: its result, written last.
+RESULT_FILE = "evaluation.json"
+
+
+def read_evaluation(output: str) -> dict[str, Any]:
+    """The result an evaluation wrote to ``output`` (an error naming it when there is none)."""
+    import json
+
+    from upstream import storage
+
+    uri = storage.join(output, RESULT_FILE)
+    if not storage.exists(uri):
+        raise UpstreamError(f"evaluate: {output} holds no {RESULT_FILE} (not evaluated yet?)")
+    return json.loads(storage.read_bytes(uri))
+
+
+def _finished(config: EvaluateConfig) -> dict[str, Any] | None:
+    from upstream import storage
+
+    if not config.output or not storage.exists(storage.join(config.output, RESULT_FILE)):
+        return None
+    done = read_evaluation(config.output)
+    if done.get("fingerprint") != config.fingerprint():
+        raise UpstreamError(f"evaluate: {config.output} holds another evaluation "
+                            f"(config {done.get('fingerprint')}, this one {config.fingerprint()})")
+    log.info("evaluate: %s already holds this evaluation; nothing to do", config.output)
+    return done | {"reused": True}
+
+
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Score every model on every set; return {"models": [...], "sets": [...], ...}."""
+    """Score every model on every set; return {"models": [...], "sets": [...], ...}.
+
+    With an ``output``, the result also goes to ``<output>/evaluation.json`` (last), and a call
+    whose output already holds this config's result returns it without scoring anything.
+    """
     from upstream import allocator, models, tracking
+
+    done = _finished(config)
+    if done is not None:
+        return done
 
     # Fail fast: model files, manifests and class alignments before any image is decoded.
     uris = model_uris(config.model)
@@ -128,13 +165,33 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         mlflow.log_dict({"models": summary}, "evaluation.json")
         mlflow.log_metric("eval_seconds", seconds)
         run_id = parent.info.run_id
-    return {
+    result = {
         "mlflow_run_id": run_id,
+        "experiment_id": experiment_id,
         "class_names": loaded[0].class_names,
         "sets": [{"name": s.name, "uri": s.uri, "role": s.role, "suite": s.suite} for s in sets],
         "models": results,
         "seconds": round(seconds, 2),
+        "fingerprint": config.fingerprint(),
+        "reused": False,
     }
+    if config.output:
+        import json
+
+        from upstream import storage
+
+        storage.write_bytes(storage.join(config.output, RESULT_FILE),
+                            json.dumps(result, sort_keys=True, default=_plain).encode())
+    return result
+
+
+def _plain(value: Any) -> Any:
+    """JSON for NumPy values in a result (confusion matrices, per-class arrays)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _score_set(

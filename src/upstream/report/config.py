@@ -32,6 +32,11 @@ class ReportConfig(StageConfig):
         "", description="Only model runs with this upstream.group tag (the pipeline run that "
         "made them); empty: every model run of the experiment."
     )
+    evaluations: str = wiring(
+        "", description="Comma list of evaluation outputs (folders holding evaluation.json, "
+        "as a study writes them): exactly their model runs are read, in whichever experiment "
+        "they are, and group is ignored. Empty: the runs of experiment and group."
+    )
     output: str = wiring(
         "", description="Folder or s3:// prefix for the report files (default: "
         "$UPSTREAM_HOME/reports/<experiment>[-<group>]); report.html is written last."

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from upstream.config import split_list
 from upstream.errors import UpstreamError
 from upstream.report import analysis, figures, render
 from upstream.report.config import ReportConfig
@@ -65,7 +66,8 @@ def compute(config: ReportConfig, workdir: str) -> tuple[Runs, analysis.Results]
     """Read and check everything, then compute every number (no file written yet)."""
     from upstream import storage
 
-    runs = load(config.experiment, config.group, config.metric, config.ood, config.ood_key)
+    runs = load(config.experiment, config.group, config.metric, config.ood, config.ood_key,
+                tuple(split_list(config.evaluations)))
     table = runs.table
     notes: dict[str, list[str]] = {"general": list(runs.notes)}
     mask, er_note = _check_baseline(config, runs)

@@ -59,8 +59,14 @@ def _where(experiment: str, group: str) -> str:
     return f"experiment {experiment!r}" + (f", group {group!r}" if group else " (every group)")
 
 
-def search(experiment: str, group: str) -> tuple[pd.DataFrame, str, str]:
-    """The raw ``mlflow.search_runs`` frame of the model runs; (frame, experiment id, URI)."""
+def search(experiment: str, group: str,
+           evaluations: tuple[str, ...] = ()) -> tuple[pd.DataFrame, str, str]:
+    """The raw ``mlflow.search_runs`` frame of the model runs; (frame, experiment id, URI).
+
+    With ``evaluations`` (evaluation outputs), exactly the model runs they list.
+    """
+    if evaluations:
+        return _search_evaluations(experiment, evaluations)
     import mlflow
 
     from upstream import tracking
@@ -84,6 +90,42 @@ def search(experiment: str, group: str) -> tuple[pd.DataFrame, str, str]:
         raise UpstreamError(f"report: no model runs in {_where(experiment, group)} (evaluate "
                             "some models first, or choose another group)")
     return raw, exp.experiment_id, uri
+
+
+def _search_evaluations(experiment: str,
+                        evaluations: tuple[str, ...]) -> tuple[pd.DataFrame, str, str]:
+    import mlflow
+
+    from upstream import tracking
+    from upstream.evaluate.run import read_evaluation
+
+    uri = tracking.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    ids: list[str] = []
+    experiments: set[str] = set()
+    for output in evaluations:
+        done = read_evaluation(output)
+        ids += [m["mlflow_run_id"] for m in done["models"]]
+        if done.get("experiment_id"):
+            experiments.add(str(done["experiment_id"]))
+    if exp is not None:
+        experiments.add(exp.experiment_id)
+    if not ids:
+        raise UpstreamError(f"report: the {len(evaluations)} evaluation(s) list no model run")
+    frames = []
+    for start in range(0, len(ids), 100):  # one filter string per hundred run ids
+        chunk = ", ".join(f"'{i}'" for i in ids[start : start + 100])
+        frames.append(mlflow.search_runs(sorted(experiments),
+                                         filter_string=f"attributes.run_id IN ({chunk})",
+                                         max_results=len(ids)))
+    raw = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    missing = set(ids) - set(raw["run_id"]) if not raw.empty else set(ids)
+    if missing:
+        raise UpstreamError(f"report: {len(missing)} model run(s) listed by the evaluations are "
+                            f"not in MLflow at {uri} (e.g. {sorted(missing)[0]})")
+    raw = raw.sort_values("start_time", ascending=False, ignore_index=True)
+    return raw, exp.experiment_id if exp is not None else sorted(experiments)[0], uri
 
 
 def _col(df: pd.DataFrame, name: str, default: Any = "") -> pd.Series:
@@ -140,14 +182,17 @@ def ood_entries(raw: pd.DataFrame) -> list[str]:
     return sorted(entries)
 
 
-def load(experiment: str, group: str, metric: str, ood: str, ood_key: str) -> Runs:
+def load(experiment: str, group: str, metric: str, ood: str, ood_key: str,
+         evaluations: tuple[str, ...] = ()) -> Runs:
     """The model runs of ``experiment`` (and ``group``) as a :class:`Runs` table.
 
     Raises :class:`UpstreamError` when there are none, or when ``ood`` names an entry no run
     has the metric for. Runs that did not finish, or that lack the ID metric, are left out
     with a note; so are exact re-evaluations of the same model (the latest is kept).
     """
-    raw, experiment_id, uri = search(experiment, group)
+    raw, experiment_id, uri = search(experiment, group, evaluations)
+    if evaluations:
+        group = ""
     notes: list[str] = []
     entries = ood_entries(raw)
     ood_col = f"metrics.{ood_key}"

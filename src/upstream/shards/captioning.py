@@ -7,9 +7,12 @@ ImageNet prompts, one per image.
 
 Decisions where the issue is silent:
 
-- A template uses the source's own class name (the fine one, even with ``label_level=coarse``):
-  captions are decided before the plan, because caption filters read them, and a sample must
-  be written with the caption it was filtered on.
+- A template names the class at the configured label level: with ``label_level=coarse`` the
+  superclass the hierarchy maps the class to (``rename``), otherwise the source's own class.
+  Naming the fine class would give coarse and fine pre-training sets the same captions, and a
+  CLIP model would learn the same thing from both. The names come from the hierarchy, not the plan:
+  caption filters read captions while the plan is made, and a sample must be written with
+  the caption it was filtered on. Unlabelled sources keep their class name (as the plan does).
 - ``clip`` picks each image's prompt from a hash of (seed, source number, index): the same
   image gets the same prompt in every subset of a source and whatever else is in the mixture.
 - Left at the default template, a source's own template is used where it has one (digits:
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from upstream.data import Source
@@ -60,10 +63,19 @@ def has_own_captions(source: Source) -> bool:
 
 class Captioner:
     """``caption(source number, index)`` for every image of a mixture; picklable, so that
-    worker processes caption the images they encode."""
+    worker processes caption the images they encode.
+
+    ``rename`` maps a class name to the name captions give it (a hierarchy's superclass, at
+    ``label_level=coarse``); classes it does not name keep their own."""
 
     def __init__(
-        self, mode: str, template: str, sources: Sequence[Source], names: Sequence[str], seed: int
+        self,
+        mode: str,
+        template: str,
+        sources: Sequence[Source],
+        names: Sequence[str],
+        seed: int,
+        rename: Mapping[str, str] | None = None,
     ) -> None:
         if mode not in ("auto", "own", "template"):
             raise UpstreamError(f"captions must be auto, own or template (got {mode!r})")
@@ -78,6 +90,7 @@ class Captioner:
         self.names = list(names)
         self.seed = seed
         self.templates = [source_template(template, src) for src in sources]
+        self.rename = dict(rename or {})
         self._clip = clip_templates() if CLIP in self.templates else ()
 
     def caption(self, source_no: int, index: int) -> str:
@@ -95,6 +108,9 @@ class Captioner:
         if template == CLIP:
             pick = zlib.crc32(f"{self.seed}/{source_no}/{index}".encode()) % len(self._clip)
             template = self._clip[pick]
-        return template.replace("{label}", src.class_names[src.labels[index]])
+        name = src.class_names[src.labels[index]]
+        if src.has_labels:
+            name = self.rename.get(name, name)
+        return template.replace("{label}", name)
 
     __call__ = caption

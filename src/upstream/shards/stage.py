@@ -53,7 +53,7 @@ from upstream.config import StageConfig, wiring
 from upstream.data import Source, SourceSpec, check_source, open_source
 from upstream.data.base import seed_words
 from upstream.data.interventions import GENERATED_KINDS, Interventions, Plan
-from upstream.data.sources import parse_sources
+from upstream.data.sources import GENERATED, parse_sources
 from upstream.errors import UpstreamError
 from upstream.shards.captioning import DEFAULT_CAPTION, Captioner
 from upstream.shards.encode import DECODE_ERRORS, EncodeJob, Encoding
@@ -271,6 +271,10 @@ class ShardConfig(StageConfig):
 def data_fingerprint(config: ShardConfig) -> str:
     """A hash of what decides the data: the config without where it goes or is logged."""
     decisive = config.model_dump(mode="json", exclude=NOT_DECISIVE)
+    if config.label_level == "coarse":
+        # Coarse sets written before their captions named the superclass hold other data
+        # under the same config: a different fingerprint keeps them from being reused.
+        decisive["captions_name"] = "coarse"
     blob = json.dumps(decisive, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -380,7 +384,7 @@ def open_sources(config: ShardConfig, specs: list[SourceSpec]) -> list[Source]:
     for spec in specs:
         # Generated sources are made with num_classes × samples_per_class; the plan cuts
         # the others, so they are opened whole.
-        generated = spec.kind in GENERATED_KINDS
+        generated = spec.kind in GENERATED_KINDS or spec.kind in GENERATED
         source = open_source(
             spec,
             config.split,
@@ -403,7 +407,11 @@ def _plan(
 
     sources = open_sources(config, specs)
     names = [str(spec) for spec in specs]
-    captioner = Captioner(config.captions, config.caption_template, sources, names, config.seed)
+    # Captions name the class at the label level the shards are labelled with.
+    rename = interventions.load_hierarchy(iv.hierarchy) if iv.label_level == "coarse" else None
+    captioner = Captioner(
+        config.captions, config.caption_template, sources, names, config.seed, rename
+    )
 
     def hashes_of(refs: list[tuple[int, int]], mode: str) -> list[int | None]:
         return compute_hashes(sources, refs, mode, workers)
@@ -478,6 +486,20 @@ def check_without_images(config: ShardConfig) -> None:
     iv = dataclasses.replace(Interventions.from_config(config), dedup="none")
     _, _, plan = _plan(config, specs, iv, workers=1)
     _check_kshot(config, plan, plan.items)
+
+
+def planned_class_counts(config: ShardConfig) -> dict[str, int]:
+    """Images per class the shards of ``config`` will hold, from the same plan as
+    :func:`check_without_images` (no image read; de-duplication counted as removing none)."""
+    import dataclasses
+
+    specs = parse_sources(config.source)
+    for spec in specs:
+        check_source(spec)
+    iv = dataclasses.replace(Interventions.from_config(config), dedup="none")
+    _, _, plan = _plan(config, specs, iv, workers=1)
+    counts = Counter(label for _, _, label in plan.items)
+    return {name: counts.get(c, 0) for c, name in enumerate(plan.class_names)}
 
 
 def per_shard(n: int, shard_size: int, min_shards: int) -> int:
@@ -762,7 +784,12 @@ def _manifest(
         "class_counts": {name: counts.get(c, 0) for c, name in enumerate(class_names)},
         "labelled": bool(getattr(prepared.plan, "labelled", True)),
         "captions": config.captions,
-        "caption_template": templates[0],
+        # One template, or for a mixture whose sources differ, each source's by name.
+        "caption_template": (
+            templates[0]
+            if len(set(templates)) == 1
+            else dict(zip((str(spec) for spec in prepared.specs), templates, strict=True))
+        ),
         "caption_templates": templates,
         "image_size": config.image_size,
         "resize": config.resize,

@@ -1,0 +1,1 @@
+"""The shipped study specs (``*.yaml``): installed with the package as ``upstream.studies``."""
