@@ -61,3 +61,26 @@ def test_submit_validates_before_contacting_the_backend(
         launch.submit("transfer", {"downstream_source": f"imagefolder:{tmp_path}/nope"},
                       "http://kfp.example:8888")
     assert recorder.calls == []
+
+
+def test_a_study_is_submitted_with_its_spec_text(recorder: type[RecordingClient],
+                                                 tmp_path: Any) -> None:
+    from upstream.pipelines.study import study
+
+    spec = tmp_path / "s.yaml"
+    text = (launch_root() / "studies" / "entezari-mini.yaml").read_text()
+    spec.write_text(text)
+    launch.submit("study", {"spec": str(spec)}, "http://kfp.example:8888")
+    (call,) = recorder.calls
+    assert call["pipeline"] is study
+    assert call["arguments"] == {"spec": text}  # the text: the steps cannot read this machine
+    spec.write_text(text.replace("methods: [supervised, clip]", "methods: [supervised, byol]"))
+    with pytest.raises(UpstreamError, match=r"study spec .*methods\.1"):
+        launch.submit("study", {"spec": str(spec)}, "http://kfp.example:8888")
+    assert len(recorder.calls) == 1
+
+
+def launch_root() -> Any:
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]

@@ -78,6 +78,10 @@ class PretrainConfig(StageConfig):
         description="Image tower for every method: an open_clip model name (RN50, ViT-B-32, "
         "...), tv-resnet50 (torchvision's ResNet-50 trunk) or one of upstream's tiny configs.",
     )
+    source_name: str = Field(
+        "", description="What the pre-training data is called in lineage, tags and reports "
+        "(a study's source name); empty: the shards' source (fractals, digits, ...)."
+    )
     epochs: int = Field(3, ge=1, description="Passes over the data (when train_samples is 0).")
     train_samples: int = Field(
         0, ge=0, description="Training budget in samples seen (0: epochs passes)."
@@ -391,7 +395,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     tags = {
         "upstream.method": config.method,
         "upstream.model": config.model,
-        "upstream.source": training.manifest_source(manifest),
+        "upstream.source": (config.source_name or training.manifest_source(manifest)),
         "upstream.size": str(num_samples),
         "upstream.intervention": _interventions(manifest),
         "upstream.architecture": architecture,
@@ -599,7 +603,7 @@ def _finish(
         "class_names": class_names,
         "config": config.model_dump(mode="json") | {"output": output},
         "data_fingerprint": data_fingerprint,
-        "data_source": training.manifest_source(manifest),
+        "data_source": (config.source_name or training.manifest_source(manifest)),
         "data_interventions": _interventions(manifest),
         "steps": result["steps"],
         "final_loss": result["final_loss"],
@@ -624,7 +628,7 @@ def _finish(
                                title=f"{config.method} pre-training loss ({config.model})")
         mlflow.log_artifact(str(png))
     # Logged from the CPU, so that it loads on machines without a GPU.
-    name = registry_name(config, training.manifest_source(manifest))
+    name = registry_name(config, (config.source_name or training.manifest_source(manifest)))
     models.log_mlflow_model(net.encoder.cpu(), net.encoder.image_size,
                             models.embed_dim_of(config.model), registered_name=name)
     models.save_file(checkpoint, checkpoint_uri)
