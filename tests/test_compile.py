@@ -55,9 +55,9 @@ def test_pretrain_pod_gets_its_gpus_and_a_shared_memory_volume() -> None:
 
 def test_study_pipeline_fans_out_per_level_and_takes_a_spec() -> None:
     """One compiled ``study`` runs any spec: the spec is a string parameter (the shipped
-    entezari-mini by name by default), each level a ParallelFor over its plan step's list, the report
-    collects every evaluation, caching is on for every step but the report, and the pretrain
-    pods get their GPUs and a memory-backed /dev/shm."""
+    entezari-mini, by name, by default), each level a ParallelFor over its plan step's list,
+    the report collects every evaluation, caching is on for every step but the report, and
+    the pretrain pods get their GPUs and a memory-backed /dev/shm."""
     import yaml
 
     docs = list(yaml.safe_load_all((default_output_dir() / "study.yaml").read_text()))
