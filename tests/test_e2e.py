@@ -62,6 +62,9 @@ def local_run(local_services):
 def _runs_of(local_run) -> dict[str, list]:
     import mlflow
 
+    # An earlier test may have pointed mlflow elsewhere (set_tracking_uri outlives it).
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
     group = re.search(r"upstream\.group=(\S+)", local_run.stdout).group(1)
     exp = mlflow.get_experiment_by_name("e2e")
     runs = mlflow.search_runs(

@@ -120,6 +120,9 @@ def test_units_in_mlflow_equal_the_plan(first_run, spec_files) -> None:
     from upstream.study import plan as study_plan
     from upstream.study import spec as study_spec
 
+    # An earlier test may have pointed mlflow elsewhere (set_tracking_uri outlives it).
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
     root, _, _ = first_run
     spec, text = study_spec.load(str(spec_files[0]))
     plan = study_plan.build(spec, f"{root}/data", f"{root}/runs", text)
