@@ -1,6 +1,7 @@
 """Samples/s of upstream's whole pre-training step against the bare compute of the same step.
 
     .venv/bin/python benchmarks/pretrain.py [--quick] [--method clip|simclr|supervised]
+        [--no-simclr-vs-clip] [--simclr-per-image] [--projection-hidden N]
 
 - ``step``: :func:`upstream.pretrain.pretrain` on shards in the local S3 server (SeaweedFS,
   started here in a temporary ``UPSTREAM_HOME`` and stopped at the end): the loader with one
@@ -12,21 +13,41 @@
   forward, backward and the optimizer step;
 - ``step on batches in memory``: :func:`upstream.pretrain.pretrain` again, its loader replaced
   by one in-memory batch given again and again: the whole step but the loader, which tells the
-  loader's share of the gap from the loop's own (schedule, logging, MLflow).
+  loader's share of the gap from the loop's own (schedule, logging, MLflow);
+- ``simclr`` against ``clip`` (unless ``--no-simclr-vs-clip``): each round also runs the
+  ``step`` of the method that ``--method`` is not, right after the round's own, on the same
+  tower, shards, batch and loader, and both methods' ``bare``; SimCLR's step includes making
+  its two views (:class:`upstream.pretrain.augment.BatchViews`, on the batch in the training
+  process). ``--simclr-per-image`` adds a SimCLR step with the per-image reference views
+  (torchvision on each PIL image, in the loader's worker: what the stage did before, and
+  still does for shards whose images differ in size).
 
-All three run in this one process, with torch's default threads and the allocator setting the
+All of them run in this one process, with torch's default threads and the allocator setting the
 training stages use (:func:`upstream.allocator.keep_freed_memory`), on a tiny config
 (``--model``, default ``upstream-tiny-rn``, 32 px) on the CPU. After a warm-up round, each is
 run ``--repeats`` times, alternating; the ratios are the medians of the per-round ratios (the
 runs of a round are seconds apart, under the same load from whatever else runs on the
 machine), the data-wait share the median of the rounds'. Prints the figures and the loader
-worker's CPU per sample, then ``ratio step_vs_bare``, ``ratio data_wait_share`` and
-``ratio step_in_memory_vs_bare``.
+worker's CPU per sample, then ``ratio step_vs_bare``, ``ratio data_wait_share``,
+``ratio step_in_memory_vs_bare``, ``ratio simclr_vs_clip_step`` (the goal: SimCLR's step
+over CLIP's), ``ratio simclr_vs_clip_bare`` (the same for the bare compute: the methods'
+compute alone), ``ratio simclr_step_vs_bare`` (what SimCLR's views and loader cost) and,
+with ``--simclr-per-image``, ``ratio simclr_per_image_vs_clip_step``.
 
 Where the time goes on 2 cores (README, "Benchmarks"): the step on in-memory batches runs at
 0.97-1.00 of bare, so the loop itself costs next to nothing; the gap is the loader's CPU
 (~50 us per 32-px sample in steady state: tar reading, PNG decoding, the S3 GET, batching),
 which has to come out of the two cores torch's intra-op threads already fill.
+
+SimCLR, per batch of 64 (32 px): its per-image views cost ~70 ms of the worker's CPU (~1.1
+ms an image for two views: colour jitter ~160 us and blur ~260 us a view when applied, the
+crop ~40, ToTensor ~18; decoding ~12 us an image), which came out of the step's cores
+(simclr_per_image_vs_clip_step 0.20-0.22); the batched views cost ~6-10 ms in the training
+process (simclr_step_vs_bare 0.92-0.97). What remains is SimCLR's compute: its bare step is
+~180-200 ms against CLIP's ~48 (the 4096-wide head ~110-125 ms of it: forward + backward
+~64-69, AdamW ~48-56), so simclr_vs_clip_step stays at 0.28-0.31 against a goal of 0.5
+(simclr_vs_clip_bare 0.26-0.28). With ``--projection-hidden 512``: 0.78-0.81 (per-image
+views 0.38).
 """
 
 from __future__ import annotations
@@ -36,7 +57,9 @@ import contextlib
 import os
 import resource
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -47,6 +70,7 @@ from unittest import mock
 import torch
 
 from upstream import allocator, models, services, storage
+from upstream.pretrain import stage
 from upstream.pretrain.stage import Objective, PretrainConfig, pretrain
 from upstream.shards import loader
 from upstream.shards.stage import ShardConfig, shard
@@ -95,8 +119,8 @@ def batches_in_memory(method: str, image_size: int, captions: list[str]) -> Iter
 
     def epochs(self: loader.Stream, epoch: int = 0, start: int = 0) -> Iterator[Any]:
         st = self.settings
-        views = (2,) if method == "simclr" else ()
-        images = torch.rand(st.batch_size, *views, 3, image_size, image_size)
+        # SimCLR's batches too are images as stored: the stage makes the two views.
+        images = torch.rand(st.batch_size, 3, image_size, image_size)
         labels = torch.randint(0, len(self.manifest["class_names"]), (st.batch_size,))
         text = (st.tokenizer(captions[: st.batch_size]) if st.tokenizer is not None
                 else [""] * st.batch_size)
@@ -123,10 +147,19 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="20 steps, 2 repeats")
+    ap.add_argument("--no-simclr-vs-clip", dest="simclr_vs_clip", action="store_false",
+                    help="skip the SimCLR-against-CLIP runs of each round")
+    ap.add_argument("--projection-hidden", type=int, default=4096,
+                    help="simclr: the projection head's width (default %(default)s, SLIP's)")
+    ap.add_argument("--simclr-per-image", action="store_true",
+                    help="also run SimCLR with its per-image views in the loader (the "
+                    "reference) each round: ratio simclr_per_image_vs_clip_step")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.repeats = 20, 2
 
+    # A SIGTERM ends the run through the finally below: the services stop, the folder goes.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     tmp = Path(tempfile.mkdtemp(prefix="upstream-bench-pretrain-"))
     os.environ["UPSTREAM_HOME"] = str(tmp / "home")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -147,12 +180,18 @@ def main() -> None:
         captions = [f"a photo of a {c}." for c in manifest["class_names"]] * args.batch_size
         base = dict(data=uri, method=args.method, model=args.model, batch_size=args.batch_size,
                     train_samples=args.steps * args.batch_size, num_workers=1,
-                    experiment="bench-pretrain", resume="never")
+                    projection_hidden=args.projection_hidden, experiment="bench-pretrain",
+                    resume="never")
         steps_s: list[float] = []
         shares: list[float] = []
         bares: list[float] = []
         in_memory: list[float] = []
         worker_cpu: list[float] = []  # the loader worker's CPU seconds per sample
+        # SimCLR against CLIP, same tower, data, batch and loader, a pair per round: the step
+        # runs of the round's --method are reused, the other method's runs are added.
+        method_steps: dict[str, list[float]] = {"clip": [], "simclr": []}
+        method_bares: dict[str, list[float]] = {"clip": [], "simclr": []}
+        per_image: list[float] = []  # --simclr-per-image: SimCLR with the per-image views
         # A warm-up round, not counted: the first call pays one-off costs (lazy imports and
         # initialisation, the allocator's first growth, the S3 server's first reads).
         warm = PretrainConfig.parse(**base | {"train_samples": 4 * args.batch_size},
@@ -166,6 +205,20 @@ def main() -> None:
             worker_cpu.append((children_cpu() - before) / (result["steps"] * args.batch_size))
             steps_s.append(result["samples_per_s"])
             shares.append(result["data_wait_share"])
+            # The other method's step right after this one (the pair sees the same load), then
+            # SimCLR with its per-image views; the bare runs after all the steps.
+            others = {m: PretrainConfig.parse(**base | {"method": m}, output=str(tmp / f"{m}-{r}"),
+                                              seed=r)
+                      for m in ("clip", "simclr") if args.simclr_vs_clip and m != args.method}
+            for method, other in others.items():
+                method_steps[method].append(pretrain(other)["samples_per_s"])
+            if args.simclr_vs_clip and args.simclr_per_image:
+                # The reference transform in the loader's worker, image by image (what the
+                # stage does with images of several sizes).
+                other = PretrainConfig.parse(**base | {"method": "simclr"},
+                                             output=str(tmp / f"per-image-{r}"), seed=r)
+                with mock.patch.object(stage, "_one_size", lambda manifest: False):
+                    per_image.append(pretrain(other)["samples_per_s"])
             bares.append(bare(config, args.steps, 32, captions))
             with batches_in_memory(args.method, 32, captions):
                 in_memory.append(pretrain(config.model_copy(
@@ -173,6 +226,19 @@ def main() -> None:
             print(f"round {r + 1}: step {steps_s[-1]:.0f} samples/s (data wait "
                   f"{shares[-1]:.1%}), bare {bares[-1]:.0f} samples/s, the step on batches "
                   f"in memory {in_memory[-1]:.0f} samples/s", flush=True)
+            if not args.simclr_vs_clip:
+                continue
+            for method, other in others.items():
+                method_bares[method].append(bare(other, args.steps, 32, captions))
+            if args.method in method_steps:
+                method_steps[args.method].append(steps_s[-1])
+                method_bares[args.method].append(bares[-1])
+            print(f"round {r + 1}: simclr step {method_steps['simclr'][-1]:.0f} samples/s, "
+                  f"bare {method_bares['simclr'][-1]:.0f}; clip step "
+                  f"{method_steps['clip'][-1]:.0f} samples/s, bare "
+                  f"{method_bares['clip'][-1]:.0f}"
+                  + (f"; simclr with per-image views {per_image[-1]:.0f} samples/s"
+                     if per_image else ""), flush=True)
         print(f"\nmethod {args.method}, model {args.model}, batch {args.batch_size}, "
               f"{args.steps} steps, {torch.get_num_threads()} threads, {args.repeats} rounds")
         print(f"step  {max(steps_s):8.0f} samples/s (median {statistics.median(steps_s):.0f})")
@@ -190,6 +256,21 @@ def main() -> None:
         print(f"ratio step_vs_bare {paired:.2f}")
         print(f"ratio data_wait_share {statistics.median(shares):.3f}")
         print(f"ratio step_in_memory_vs_bare {no_loader:.2f}")
+        if args.simclr_vs_clip:
+            steps_of, bares_of = method_steps, method_bares
+
+            def per_round(a: list[float], b: list[float]) -> float:
+                return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+            print(f"ratio simclr_vs_clip_step "
+                  f"{per_round(steps_of['simclr'], steps_of['clip']):.2f}")
+            print(f"ratio simclr_vs_clip_bare "
+                  f"{per_round(bares_of['simclr'], bares_of['clip']):.2f}")
+            print(f"ratio simclr_step_vs_bare "
+                  f"{per_round(steps_of['simclr'], bares_of['simclr']):.2f}")
+            if per_image:
+                print(f"ratio simclr_per_image_vs_clip_step "
+                      f"{per_round(per_image, steps_of['clip']):.2f}")
     finally:
         if info is not None:
             services.down(tmp / "home")

@@ -52,7 +52,7 @@ def test_three_methods_build_the_identical_tower_and_run(name: str) -> None:
     assert simclr.projection is not None and simclr.clip is None and simclr.head is None
     assert isinstance(simclr.projection, models.ProjectionHead)
     assert simclr.projection.in_dim == dim
-    assert simclr.projection(simclr.encoder(images)).shape == (4, 256)
+    assert simclr.projection(simclr.encoder(images)).shape == (4, 128)
 
     sup = nets["supervised"]
     assert sup.head is not None and sup.projection is None

@@ -22,8 +22,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from upstream.errors import UpstreamError
+from upstream.models import ProjectionHead
 from upstream.pretrain import augment
-from upstream.pretrain.objectives import NTXentLoss, ProjectionHead, clip_loss, gather_with_grad
+from upstream.pretrain.objectives import NTXentLoss, clip_loss, gather_with_grad
 
 # --- NT-Xent against the textbook formula -----------------------------------------------------
 
@@ -189,11 +190,13 @@ def test_split_batch_gives_the_same_loss_and_gradients(tmp_path: Path) -> None:
 
 
 def test_projection_head_defaults_and_shapes() -> None:
+    # SimCLR's sizing: hidden as wide as the features, 128 out.
     head = ProjectionHead(64)
-    assert (head.hidden_dim, head.out_dim) == (4096, 256)
-    layers = [type(m).__name__ for m in head.mlp]
+    assert (head.hidden_dim, head.out_dim) == (64, 128)
+    layers = [type(m).__name__ for m in head]
     assert layers == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear"]
-    assert [m.out_features for m in head.mlp if isinstance(m, nn.Linear)] == [4096, 4096, 256]
+    assert [m.out_features for m in head if isinstance(m, nn.Linear)] == [64, 64, 128]
+    assert [m.bias is None for m in head if isinstance(m, nn.Linear)] == [True, True, False]
 
     small = ProjectionHead(12, hidden_dim=16, out_dim=6)
     assert small(torch.randn(4, 12)).shape == (4, 6)

@@ -324,9 +324,15 @@ class ProjectionHead(nn.Sequential):
     Three layers with BatchNorm, as in SimCLR v2; the Linears before a BatchNorm have no bias
     (the norm's shift replaces it). Trained with the encoder and dropped after pre-training:
     only the encoder's tower is carried to fine-tuning.
+
+    ``hidden_dim`` 0 (the default) is the representation's own width, as SimCLR sizes it
+    (Chen et al. 2020: 2048 on ResNet-50's 2048-d features, 128 out). SLIP's 4096 → 256 was
+    sized for ViT-B/16's 768-d features; on a 64-d tiny tower it made the head ~18M
+    parameters, 14× the tower, and most of SimCLR's step time.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256):
+    def __init__(self, in_dim: int, hidden_dim: int = 0, out_dim: int = 128):
+        hidden_dim = hidden_dim or in_dim
         super().__init__(
             nn.Linear(in_dim, hidden_dim, bias=False),
             nn.BatchNorm1d(hidden_dim),
@@ -420,8 +426,8 @@ def build_pretrain_model(
     method: str,
     num_classes: int = 0,
     *,
-    projection_hidden: int = 4096,
-    projection_out: int = 256,
+    projection_hidden: int = 0,
+    projection_out: int = 128,
 ) -> PretrainModel:
     """What ``method`` trains around ``name``'s image tower (see :class:`PretrainModel`)."""
     validate_model_name(name)
@@ -431,9 +437,10 @@ def build_pretrain_model(
         encoder = ImageEncoder(clip.visual, image_size_of(name), mean, std)
         return PretrainModel(method, encoder, clip=clip)
     if method == "simclr":
-        if projection_hidden < 1 or projection_out < 1:
+        if projection_hidden < 0 or projection_out < 1:
             raise UpstreamError(
-                f"simclr projection sizes must be ≥ 1 (got hidden={projection_hidden}, "
+                f"simclr projection sizes must be ≥ 1, hidden 0 for the features' width "
+                f"(got hidden={projection_hidden}, "
                 f"out={projection_out})"
             )
         encoder = build_image_encoder(name)

@@ -1,4 +1,5 @@
-"""Pre-training objectives: SimCLR's NT-Xent with its projection head, and CLIP's loss.
+"""Pre-training objectives: SimCLR's NT-Xent and CLIP's loss (SimCLR's projection head is
+:class:`upstream.models.ProjectionHead`).
 
 Both contrastive losses see every rank's batch as negatives: features are gathered across
 ranks *with* gradients and each rank scores its own rows against all gathered columns (open_clip's
@@ -91,32 +92,6 @@ class NTXentLoss(nn.Module):
         loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], dim=1), labels)
         loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], dim=1), labels)
         return (loss_a + loss_b) / 2
-
-
-class ProjectionHead(nn.Module):
-    """SimCLR's projection MLP, laid out as SLIP's ``image_mlp``: three linear layers with
-    BatchNorm + ReLU between, ``in_dim → hidden_dim → hidden_dim → out_dim``.
-
-    It uses plain ``BatchNorm1d`` so that it runs in one CPU process; under multi-GPU DDP wrap
-    the model with ``nn.SyncBatchNorm.convert_sync_batchnorm`` (SLIP builds SyncBatchNorm
-    directly), so that the statistics cover the global batch as the loss does.
-    """
-
-    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256):
-        super().__init__()
-        self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
 
 
 def clip_loss(world_size: int, rank: int) -> open_clip.ClipLoss:

@@ -17,9 +17,9 @@ would give every micro-batch the whole batch's negatives, is not done here).
 Budget: ``train_samples`` samples seen (0: ``epochs`` passes over the data). Resumption:
 training state every ``checkpoint_every`` steps (:mod:`upstream.pretrain.trainstate`);
 ``resume=auto`` continues from the newest. Every step's random numbers are seeded from (seed,
-step, rank) and every batch's augmentations from (seed, epoch, rank, worker, batch), so a
-resumed run takes the steps an uninterrupted one would; with ``deterministic`` it ends with
-the same weights.
+step, rank) and every batch's augmentations from (seed, epoch, rank, worker, batch) (SimCLR's
+views, made in this process: from (seed, epoch, batch, rank)), so a resumed run takes the steps
+an uninterrupted one would; with ``deterministic`` it ends with the same weights.
 """
 
 from __future__ import annotations
@@ -103,8 +103,13 @@ class PretrainConfig(StageConfig):
         "crop; simclr always uses its two-view recipe.",
     )
     temperature: float = Field(0.1, gt=0, description="simclr: NT-Xent temperature.")
-    projection_hidden: int = Field(4096, ge=1, description="simclr: projection MLP width.")
-    projection_dim: int = Field(256, ge=1, description="simclr: projection output size.")
+    projection_hidden: int = Field(
+        0, ge=0, description="simclr: projection MLP width (0: the tower's feature width, as "
+        "SimCLR sizes it; SLIP's ViT-B head is 4096).",
+    )
+    projection_dim: int = Field(
+        128, ge=1, description="simclr: projection output size (SimCLR's 128; SLIP's 256)."
+    )
     seed: int = Field(0, description="Seed for initialisation, data order and augmentation.")
     shuffle: bool = Field(
         True, description="Shuffle the data every epoch (off: the shards' own order)."
@@ -177,16 +182,40 @@ def _precision(config: PretrainConfig, cuda: bool) -> str:
     return config.precision
 
 
-def _transform(config: PretrainConfig, image_size: int) -> Any:
+def _one_size(manifest: dict[str, Any]) -> bool:
+    """Whether every image of the shard set has the same size (square-resized shards)."""
+    return manifest.get("resize") == "square"
+
+
+def _transform(config: PretrainConfig, image_size: int, manifest: dict[str, Any]) -> Any:
     from upstream.pretrain import augment
 
     if config.method == "simclr":
-        return augment.simclr_views(image_size)
+        # Images of one size come as they are stored and get their views in the training
+        # loop, a batch at a time (_batch_views); others get them here, image by image.
+        return None if _one_size(manifest) else augment.simclr_views(image_size)
     if config.augment == "crop":
         return (augment.clip_train if config.method == "clip" else augment.supervised_train)(
             image_size
         )
     return None  # the images as stored; the encoder resizes them
+
+
+def _batch_views(config: PretrainConfig, image_size: int, manifest: dict[str, Any]) -> Any:
+    """SimCLR's views made on the batch tensor, or None (another method, or images of several
+    sizes: the loader's per-image transform makes them, see :func:`_transform`).
+
+    In the training process, on the batch as the loader delivers it (moved to the device
+    first), rather than in the loader's workers: on 2 CPU cores either place gave the same
+    throughput (README, "Benchmarks"), and here the views run on the GPU where there is one,
+    instead of taking a worker's CPU each batch, while the worker sends each batch as stored,
+    not as two views of it.
+    """
+    from upstream.pretrain import augment
+
+    if config.method != "simclr" or not _one_size(manifest):
+        return None
+    return augment.simclr_batch_views(image_size)
 
 
 class Objective:
@@ -254,7 +283,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
 
     from upstream import allocator, models, storage, tracking, training
     from upstream.errors import UpstreamError
-    from upstream.pretrain import distributed, trainstate
+    from upstream.pretrain import augment, distributed, trainstate
     from upstream.shards import loader
 
     # Everything that can be wrong with the input is checked before the model is built.
@@ -330,7 +359,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         batch_size=micro,
         shuffle_seed=config.seed if config.shuffle else None,
         epoch=0,
-        transform=_transform(config, image_size),
+        transform=_transform(config, image_size, manifest),
         with_captions=config.method == "clip",
         # Captions become tokens in the data workers, off the training process.
         tokenizer=tokenizer,
@@ -341,6 +370,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         rank=world.rank,
         world_size=world.size,
     )
+    views = _batch_views(config, image_size, manifest)
     micro_per_epoch = len(stream)
     if micro_per_epoch < config.accum_steps:
         raise UpstreamError(
@@ -473,6 +503,9 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
                 tokens = (tokens.to(world.device, non_blocking=True)
                           if tokenizer is not None else None)
                 waited += time.perf_counter() - t_wait
+                if views is not None:  # SimCLR's two views, per image, seeded by the batch
+                    images = views(images, seed=augment.view_seed(
+                        config.seed, epoch, position, world.rank))
                 position += 1
                 micro_done += 1
                 sync = (k == config.accum_steps - 1 or world.size == 1)
