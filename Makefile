@@ -27,8 +27,12 @@ compile: setup
 check-compiled: setup
 	$(BIN)/upstream compile --check
 
+# The test files run on TEST_WORKERS pytest-xdist workers (default 2, this project's machine's
+# cores); each file stays on one worker, so its module fixtures start once.
+TEST_WORKERS ?= 2
+
 test: lint check-compiled
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 services-up: setup
 	$(BIN)/upstream services up

@@ -149,8 +149,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="20 steps, 2 repeats")
     ap.add_argument("--no-simclr-vs-clip", dest="simclr_vs_clip", action="store_false",
                     help="skip the SimCLR-against-CLIP runs of each round")
-    ap.add_argument("--projection-hidden", type=int, default=4096,
-                    help="simclr: the projection head's width (default %(default)s, SLIP's)")
+    ap.add_argument("--projection-hidden", type=int, default=0,
+                    help="simclr: the projection head's width (default 0: the features' "
+                    "width, the stage's default, as SimCLR sizes it; SLIP's is 4096)")
     ap.add_argument("--simclr-per-image", action="store_true",
                     help="also run SimCLR with its per-image views in the loader (the "
                     "reference) each round: ratio simclr_per_image_vs_clip_step")

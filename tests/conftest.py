@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# `make test` runs the files on 2 pytest-xdist workers (one a core). torch's default, a thread
+# per core in each worker and in every stage subprocess they start, would put 4 spinning
+# OpenMP threads on 2 cores: a worker and what it starts get one thread each. Set before
+# anything imports torch; a value the caller exported is kept.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 # The real local services (SeaweedFS + MLflow) for integration and end-to-end tests.
 pytest_plugins = ["integration_fixtures"]
