@@ -43,11 +43,11 @@ SimCLR, per batch of 64 (32 px): its per-image views cost ~70 ms of the worker's
 ms an image for two views: colour jitter ~160 us and blur ~260 us a view when applied, the
 crop ~40, ToTensor ~18; decoding ~12 us an image), which came out of the step's cores
 (simclr_per_image_vs_clip_step 0.20-0.22); the batched views cost ~6-10 ms in the training
-process (simclr_step_vs_bare 0.92-0.97). What remains is SimCLR's compute: its bare step is
-~180-200 ms against CLIP's ~48 (the 4096-wide head ~110-125 ms of it: forward + backward
-~64-69, AdamW ~48-56), so simclr_vs_clip_step stays at 0.28-0.31 against a goal of 0.5
-(simclr_vs_clip_bare 0.26-0.28). With ``--projection-hidden 512``: 0.78-0.81 (per-image
-views 0.38).
+process. What remained was SimCLR's compute: with SLIP's 4096-wide head its bare step was
+~180-200 ms against CLIP's ~48 (the head ~110-125 ms of it), so simclr_vs_clip_step stayed at
+0.28-0.31. The stage's head is now as wide as the tower's features (SimCLR's sizing; 64 on
+upstream-tiny-rn) and AdamW is fused: simclr_vs_clip_step 0.72 (2026-12-01, README).
+``--projection-hidden 4096`` measures SLIP's head again.
 """
 
 from __future__ import annotations

@@ -125,6 +125,51 @@ class Source(abc.ABC):
         return self.image(index), self.labels[index], meta
 
 
+class GeneratedSource(Source):
+    """The first ``num_classes`` of a generator's :attr:`names` × ``instances`` images each.
+
+    Each image is drawn from its own seed (:attr:`seed_tag`, split, seed, class, instance),
+    so the splits never share an image and the same seed makes the same images. ``generated``:
+    made at exactly num_classes × samples_per_class, so the plan does not cut it again.
+    """
+
+    #: The class names in order; ``num_classes`` takes the first ones.
+    names: Sequence[str] = ()
+    default_instances: int = 100
+    #: The first word of every image's seed: changing it changes every image.
+    seed_tag: str = ""
+    generated = True
+
+    def __init__(
+        self, split: str, *, num_classes: int, instances: int, image_size: int, seed: int
+    ) -> None:
+        if num_classes > len(self.names):
+            raise UpstreamError(
+                f"{self.kind} has {len(self.names)} classes; num_classes={num_classes} asks "
+                "for more"
+            )
+        chosen = list(self.names[: num_classes or len(self.names)])
+        instances = instances or self.default_instances
+        super().__init__(chosen, np.repeat(np.arange(len(chosen)), instances), split)
+        self.instances = instances
+        self.image_size = image_size
+        self.seed = seed
+
+    @abc.abstractmethod
+    def draw(self, name: str, rng: np.random.Generator) -> Image.Image:
+        """One image of class ``name`` at :attr:`image_size`, every random choice from ``rng``."""
+
+    def image(self, index: int) -> Image.Image:
+        label, instance = divmod(index, self.instances)
+        rng = np.random.default_rng(
+            seed_words(self.seed_tag, SPLIT_IDS[self.split], self.seed, label, instance)
+        )
+        return self.draw(self.class_names[label], rng)
+
+    def meta(self, index: int) -> dict[str, int]:
+        return {"instance": index % self.instances}
+
+
 def select(
     labels: Sequence[int],
     num_classes_available: int,

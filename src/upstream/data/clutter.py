@@ -41,8 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from upstream.data.base import SPLIT_IDS, Source, seed_words
-from upstream.errors import UpstreamError
+from upstream.data.base import GeneratedSource
 
 DEFAULT_INSTANCES = 100
 #: Object radius as a share of the image side (the parts span about ±0.85 of it).
@@ -300,34 +299,14 @@ def draw(name: str, size: int, rng: np.random.Generator) -> Image.Image:
     return canvas.image()
 
 
-class ClutterSource(Source):
+class ClutterSource(GeneratedSource):
     """The first ``num_classes`` of :data:`OBJECTS` × ``instances`` images each."""
 
     kind = "clutter"
     caption_template = "a picture of a {label} among clutter."
-    #: Made with num_classes × samples_per_class: the plan does not cut it again.
-    generated = True
+    names = NAMES
+    default_instances = DEFAULT_INSTANCES
+    seed_tag = "clutter-instance"
 
-    def __init__(
-        self, split: str, *, num_classes: int, instances: int, image_size: int, seed: int
-    ) -> None:
-        if num_classes > len(NAMES):
-            raise UpstreamError(
-                f"clutter has {len(NAMES)} classes; num_classes={num_classes} asks for more"
-            )
-        names = NAMES[: num_classes or len(NAMES)]
-        instances = instances or DEFAULT_INSTANCES
-        super().__init__(names, np.repeat(np.arange(len(names)), instances), split)
-        self.instances = instances
-        self.image_size = image_size
-        self.seed = seed
-
-    def image(self, index: int) -> Image.Image:
-        label, instance = divmod(index, self.instances)
-        rng = np.random.default_rng(
-            seed_words("clutter-instance", SPLIT_IDS[self.split], self.seed, label, instance)
-        )
-        return draw(self.class_names[label], self.image_size, rng)
-
-    def meta(self, index: int) -> dict[str, int]:
-        return {"instance": index % self.instances}
+    def draw(self, name: str, rng: np.random.Generator) -> Image.Image:
+        return draw(name, self.image_size, rng)

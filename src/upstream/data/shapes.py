@@ -7,8 +7,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from upstream.data.base import SPLIT_IDS, Source, seed_words
-from upstream.errors import UpstreamError
+from upstream.data.base import GeneratedSource
 
 SHAPES = ("circle", "square", "triangle", "pentagon", "hexagon", "star", "cross", "ring")
 DEFAULT_INSTANCES = 100
@@ -67,32 +66,14 @@ def draw(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BOX)
 
 
-class ShapeSource(Source):
+class ShapeSource(GeneratedSource):
     """The first ``num_classes`` of :data:`SHAPES` × ``instances`` images each."""
 
     kind = "shapes"
     caption_template = "a drawing of a {label}."
+    names = SHAPES
+    default_instances = DEFAULT_INSTANCES
+    seed_tag = "shape-instance"
 
-    def __init__(
-        self, split: str, *, num_classes: int, instances: int, image_size: int, seed: int
-    ) -> None:
-        if num_classes > len(SHAPES):
-            raise UpstreamError(
-                f"shapes has {len(SHAPES)} classes; num_classes={num_classes} asks for more"
-            )
-        names = SHAPES[: num_classes or len(SHAPES)]
-        instances = instances or DEFAULT_INSTANCES
-        super().__init__(names, np.repeat(np.arange(len(names)), instances), split)
-        self.instances = instances
-        self.image_size = image_size
-        self.seed = seed
-
-    def image(self, index: int) -> Image.Image:
-        label, instance = divmod(index, self.instances)
-        rng = np.random.default_rng(
-            seed_words("shape-instance", SPLIT_IDS[self.split], self.seed, label, instance)
-        )
-        return draw(self.class_names[label], self.image_size, rng)
-
-    def meta(self, index: int) -> dict[str, int]:
-        return {"instance": index % self.instances}
+    def draw(self, name: str, rng: np.random.Generator) -> Image.Image:
+        return draw(name, self.image_size, rng)

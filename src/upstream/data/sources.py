@@ -103,20 +103,12 @@ def open_source(
             image_size=image_size,
             seed=seed,
         )
-    if spec.kind == "shapes":
+    if spec.kind in ("shapes", "clutter"):
+        from upstream.data.clutter import ClutterSource
         from upstream.data.shapes import ShapeSource
 
-        return ShapeSource(
-            split,
-            num_classes=num_classes,
-            instances=samples_per_class,
-            image_size=image_size,
-            seed=seed,
-        )
-    if spec.kind == "clutter":
-        from upstream.data.clutter import ClutterSource
-
-        return ClutterSource(
+        generator = {"shapes": ShapeSource, "clutter": ClutterSource}[spec.kind]
+        return generator(
             split,
             num_classes=num_classes,
             instances=samples_per_class,
