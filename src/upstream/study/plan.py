@@ -342,17 +342,22 @@ def _spec_path(name: str) -> tuple[str, ...]:
 
 # -- estimate -------------------------------------------------------------------------------
 
-#: Throughput measured on this project's 2-core CPU machine (2026-12-01) with
-#: ``upstream-tiny-rn`` at 32 px: pre-training samples/s per method, fine-tuning samples/s
-#: (forward and backward), inference images/s, shard images/s. Other towers have no figure
-#: here; their units are counted but not timed.
+#: Throughput of one local study step on this project's 2-core CPU machine, measured in the
+#: miniature studies' runs (2026-12-01; two steps at a time, one core each) with
+#: ``upstream-tiny-rn`` at 32 px: pre-training samples/s per method (SimCLR from
+#: ``benchmarks/pretrain.py``'s ratio to CLIP), fine-tuning samples/s (forward and backward),
+#: inference images/s. Other towers have no figure here; their units are counted, not timed.
 THROUGHPUT = {
-    "upstream-tiny-rn": {"clip": 800.0, "supervised": 900.0, "simclr": 550.0,
-                         "finetune": 900.0, "infer": 9000.0},
+    "upstream-tiny-rn": {"clip": 570.0, "supervised": 635.0, "simclr": 410.0,
+                         "finetune": 1000.0, "infer": 9000.0},
 }
-SHARD_IMAGES_PER_S = 1500.0
+SHARD_IMAGES_PER_S = 500.0
+#: An evaluation's cost per model beyond inference (loading it, its MLflow run and figures).
+EVALUATE_PER_MODEL_S = 1.2
 #: Seconds a local step costs beyond its compute (process start, imports, MLflow set-up).
 STEP_OVERHEAD_S = 4.0
+#: kfp.local runs two loop iterations at once (``pipelines.launch.LOCAL_PARALLEL_STEPS``).
+PARALLEL_STEPS = 2
 
 
 def estimate(plan: Plan, counts: dict[str, dict[str, int]]) -> dict[str, float | None]:
@@ -392,7 +397,7 @@ def estimate(plan: Plan, counts: dict[str, dict[str, int]]) -> dict[str, float |
         models = len(split_list(f.config.modes)) * len(_nonneg_ints(f.config.shots)) \
             * len(_nonneg_ints(f.config.seeds))  # type: ignore[attr-defined]
         add("evaluate", None if rate is None or n_test is None
-            else models * n_test * sets / rate)
+            else models * (n_test * sets / rate + EVALUATE_PER_MODEL_S))
     add("report", 10.0 + 0.05 * len(plan.evaluations) * 36)
     return out
 
@@ -455,7 +460,7 @@ def summary(plan: Plan, counts: dict[str, dict[str, int]]) -> dict[str, Any]:
         "steps": steps,
         "compute_s": {k: (None if v is None else round(v, 1)) for k, v in seconds.items()},
         "estimate_s": None if len(known) < len(seconds) else round(
-            sum(known) + STEP_OVERHEAD_S * steps, 0),
+            (sum(known) + STEP_OVERHEAD_S * steps) / PARALLEL_STEPS, 0),
     }
 
 
@@ -475,8 +480,9 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(f"  {kind:<10}{summary['units'][kind]:>6}  "
                      f"{('−' + str(shared)) if shared else '':>6}  "
                      f"{_duration(summary['compute_s'][kind])}")
-    lines.append(f"estimate: {_duration(summary['estimate_s'])} on 2 CPU cores (measured "
-                 f"throughput of 2026-12-01, plus {STEP_OVERHEAD_S:.0f} s a step)")
+    lines.append(f"estimate: {_duration(summary['estimate_s'])} on 2 CPU cores, two steps at "
+                 f"a time (throughput measured 2026-12-01, plus {STEP_OVERHEAD_S:.0f} s a "
+                 "step)")
     for u in summary.get("unit_list", []):
         lines.append(f"  {u['id']}  →  {u['output']}")
     return "\n".join(lines)
