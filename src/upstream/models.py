@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,17 +150,6 @@ class _DropOpenClipChatter(logging.Filter):
         if "No pretrained weights loaded" in record.getMessage():
             return False  # random initialisation is the point of pre-training
         return record.levelno >= logging.WARNING
-
-
-class _DropMessage(logging.Filter):
-    """Drops log records whose message contains ``text``."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -536,11 +526,28 @@ def pip_requirements() -> list[str]:
     return out
 
 
+#: MLflow's switch for unpickling models; forced off by :func:`load_mlflow_model`.
+ALLOW_PICKLE_VAR = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+
+
 def log_mlflow_model(
     model: nn.Module, image_size: int, out_dim: int, registered_name: str | None = None
 ) -> None:
     """Log ``model`` (takes [0, 1] images) as the run's ``model`` with a tensor signature;
-    with ``registered_name``, also as a new version of that model in the model registry."""
+    with ``registered_name``, also as a new version of that model in the model registry.
+
+    The format is MLflow's ``pt2``: a ``torch.export`` archive (the traced graph, weights as
+    raw tensor bytes), which loads without unpickling anything, so that a replaced artifact
+    cannot run code in whoever loads it with :func:`load_mlflow_model` (or with
+    ``mlflow.pytorch.load_model`` under ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``). Pickle,
+    MLflow's other choice, runs whatever the file says; state dicts plus a loader would need
+    the loader's code logged beside them, which a replaced artifact could change just as
+    well. What a pt2 model gives back is the graph (a ``torch.fx.GraphModule`` with the same
+    parameter names and outputs), not upstream's classes: upstream itself reloads its own
+    model files (``weights_only``), never MLflow's. Exporting costs ~1 s for the tiny models
+    here; every upstream tower exports (tiny-rn, tiny-vit, tiny-tvrn, tv-resnet50, RN50,
+    ViT-B-32 checked). The batch dimension stays dynamic (the example has two rows).
+    """
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -552,19 +559,37 @@ def log_mlflow_model(
     )
     was = model.training
     model.eval()
-    # Pickle is chosen on purpose (open_clip towers do not all torch.export), so mlflow's
-    # warning about it would only repeat itself in every stage's log.
-    quiet = _DropMessage("Saving pytorch model by Pickle")
-    logging.getLogger("mlflow.pytorch").addFilter(quiet)
     try:
         mlflow.pytorch.log_model(
             model,
             name="model",
-            serialization_format="pickle",
+            serialization_format="pt2",
+            input_example=np.zeros((2, 3, image_size, image_size), dtype=np.float32),
             pip_requirements=pip_requirements(),
             signature=signature,
             registered_model_name=registered_name,
         )
     finally:
-        logging.getLogger("mlflow.pytorch").removeFilter(quiet)
         model.train(was)
+
+
+def load_mlflow_model(uri: str) -> nn.Module:
+    """The model logged at ``uri`` (``runs:/…/model``, ``models:/NAME/VERSION``, a folder),
+    loaded without unpickling anything: a pt2 archive is checked to hold no pickle first, and
+    a model in pickle format (an old upstream's, or a planted ``model.pth``) is refused, one
+    line naming ``uri``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    old = os.environ.get(ALLOW_PICKLE_VAR)
+    os.environ[ALLOW_PICKLE_VAR] = "false"
+    try:
+        return mlflow.pytorch.load_model(uri)  # type: ignore[no-any-return]
+    except MlflowException as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UpstreamError(f"model {uri} was not loaded: {first}") from None
+    finally:
+        if old is None:
+            os.environ.pop(ALLOW_PICKLE_VAR, None)
+        else:
+            os.environ[ALLOW_PICKLE_VAR] = old

@@ -7,7 +7,6 @@ subset and shuffle indices first and render or decode one image at a time afterw
 from __future__ import annotations
 
 import abc
-import io
 import os
 import zlib
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from upstream import imagebounds
 from upstream.errors import UpstreamError
 
 #: ``SPLIT_IDS[split]`` feeds the seeds of synthetic sources, so splits never share instances.
@@ -50,9 +50,11 @@ def raw_key(ext_or_name: str) -> str | None:
 
 
 def decode(data: bytes, where: str) -> Image.Image:
-    """``data`` decoded as an RGB image; :class:`BadImage` naming ``where`` if it is not one."""
+    """``data`` decoded as an RGB image; :class:`BadImage` naming ``where`` if it is not one,
+    or if its header promises more than :data:`upstream.imagebounds.MAX_PIXELS` pixels
+    (checked before decoding)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with imagebounds.open_image(data) as img:
             return img.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
         raise BadImage(f"cannot read image {where}: {type(e).__name__}: {e}") from None
