@@ -13,6 +13,7 @@ import functools
 import inspect
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,10 +59,23 @@ def _option(name: str, annotation: Any, default: Any, help_text: str) -> inspect
 def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from upstream import faults, tracking
+
         try:
             return func(*args, **kwargs)
         except UpstreamError as e:
+            tracking.fail_fast()  # the process ends: MLflow's exit-time flushes, one try each
             raise fail(str(e)) from None
+        except KeyboardInterrupt as e:
+            tracking.fail_fast()
+            signum = getattr(e, "signum", signal.SIGINT)
+            raise fail(f"interrupted by {signal.Signals(signum).name}", 128 + signum) from None
+        except Exception as e:
+            message = faults.describe(e)
+            if message is None:
+                raise
+            tracking.fail_fast()
+            raise fail(message) from None
 
     return wrapper
 

@@ -293,6 +293,7 @@ def shard(config: ShardConfig) -> dict[str, Any]:
     for spec in specs:
         check_source(spec)
     storage.check_reachable(config.output)
+    tracking.check_reachable()
     fingerprint = data_fingerprint(config)
     existing = _complete_manifest(config, fingerprint)
     if existing is not None:
