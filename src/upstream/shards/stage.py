@@ -702,6 +702,12 @@ def _write(
     if not shards:
         raise UpstreamError(f"shard: every image of {config.source} was unreadable")
     skipped = [
+        # No index: such a sample never had one in its source (see Source.without_image).
+        *(
+            {"source": names[s], "index": None, "reason": reason}
+            for s, source in enumerate(prepared.sources)
+            for reason in source.without_image
+        ),
         *(
             {"source": names[s], "index": i, "reason": "unreadable (while de-duplicating)"}
             for s, i in prepared.unreadable
