@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import signal
 import stat
 import subprocess
@@ -45,7 +46,7 @@ def mode(path: Path) -> int:
 
 
 def upstream_cli(*args: str, env: dict[str, str] | None = None,
-                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
+                 timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "upstream", *args], capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=timeout)
 
@@ -204,12 +205,19 @@ def test_run_transfer_with_too_large_k_fails_in_seconds(tmp_path: Path) -> None:
     # once instead of starting services and training for minutes.
     home = tmp_path / "home"
     home.write_text("not a folder")
-    began = time.monotonic()
+    before = _child_cpu_seconds()
     result = upstream_cli("run", "transfer", "--local", "--finetune-shots", "1,100000",
                           env={"UPSTREAM_HOME": str(home)})
     one_line_error(result.stderr, result.returncode, "finetune_shots=1,100000", "has only")
-    assert time.monotonic() - began < 30
     assert result.stdout == ""
+    # CPU seconds rather than wall time, which a busy machine stretches: ~3 s here (imports
+    # and the shard plan), where the run got to the finetune step after ~44 s of compute.
+    assert _child_cpu_seconds() - before < 20
+
+
+def _child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def test_a_failed_steps_cause_is_in_the_error_line(tmp_path: Path) -> None:
@@ -282,7 +290,7 @@ def test_a_resume_cleans_a_killed_shards_scratch_part(
                             stderr=subprocess.DEVNULL,
                             env={**os.environ, "TMPDIR": str(scratch_root)})
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 240  # a busy machine takes long to start Python
         while time.monotonic() < deadline and proc.poll() is None:
             if list(scratch_root.glob("upstream-*/*.part")):
                 proc.send_signal(signal.SIGKILL)
@@ -368,7 +376,7 @@ def test_usage_error_of_the_real_command_is_one_line() -> None:
 
     from upstream.cli import app
 
-    result = upstream_cli("finetune", "--epochs", "many", timeout=60)
+    result = upstream_cli("finetune", "--epochs", "many", timeout=300)
     one_line_error(result.stderr, result.returncode, "Invalid value for '--epochs'")
     bare = CliRunner().invoke(app, [])  # the bare command still shows its help
     assert "Usage:" in bare.output and "error" not in bare.stderr
