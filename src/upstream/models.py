@@ -448,8 +448,11 @@ def build_pretrain_model(
 
 
 def resolve_file(uri: str, filename: str) -> str:
-    """``uri`` itself if it names a ``.pt`` file, else ``{uri}/{filename}``."""
-    return uri if uri.endswith(".pt") else storage.join(uri, filename)
+    """``uri`` itself if it names a ``.pt`` file or any existing file (so that ``ckpt.bin`` is
+    read, and refused, as the file it is), else ``{uri}/{filename}``."""
+    if uri.endswith(".pt") or storage.size(uri) is not None:
+        return uri
+    return storage.join(uri, filename)
 
 
 def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -473,14 +476,46 @@ def load_file(uri: str, expected_format: str, what: str) -> dict[str, Any]:
         raise UpstreamError(f"{what} {uri} does not exist")
     with tempfile.TemporaryDirectory(prefix="upstream-load-") as tmp:
         local = storage.download_file(uri, Path(tmp, "file.pt"))
+        with open(local, "rb") as f:
+            head = f.read(16)
+        if not head.startswith(_TORCH_MAGIC):
+            raise UpstreamError(f"{what} {uri} is not a readable torch file: {_not_torch(head)}")
         try:
             obj = torch.load(local, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UpstreamError(f"{what} {uri} is not a readable torch file: {first}") from None
+            raise UpstreamError(
+                f"{what} {uri} is not a readable torch file: {_load_error(e)}"
+            ) from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         raise UpstreamError(f"{what} {uri} is not an {expected_format} file")
     return obj
+
+
+#: How the files ``torch.save`` writes begin: a zip archive (torch ≥ 1.6), or the legacy
+#: format's pickle (protocol 2 and up begin with the PROTO opcode).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _not_torch(head: bytes) -> str:
+    if not head:
+        return "the file is empty"
+    text = head.decode("ascii", "replace")
+    if all(c.isprintable() or c.isspace() for c in text):
+        return f"it is text ({text.strip()[:12]!r}…), not a torch.save file"
+    return f"not a torch.save file (it begins with {head[:8]!r})"
+
+
+def _load_error(e: Exception) -> str:
+    """The line of torch's message that says what is wrong (the weights-only unpickler puts
+    the refused global on a later line of a long text)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    refused = ("WeightsUnpickler error", "unsupported GLOBAL")
+    why = next((ln for ln in lines if any(r in ln for r in refused)), lines[0] if lines else "")
+    # torch's zip reader appends paragraphs of advice after its first sentence.
+    why = why.split(". ", 1)[0].rstrip(".")
+    if isinstance(e, (KeyError, EOFError, IndexError)) or len(why) < 8:
+        return f"the file is damaged or cut short ({type(e).__name__})"
+    return why[:300]
 
 
 def load_checkpoint(uri: str) -> dict[str, Any]:

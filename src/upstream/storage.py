@@ -20,8 +20,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -189,10 +189,27 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    fd, tmp = _new_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _new_temp(path: Path) -> tuple[int, str]:
+    """A new file ``.{name}.{random}`` beside ``path``, with the mode a plain ``open`` gives
+    (0666 less the umask). ``tempfile.mkstemp`` makes it 0600, so a manifest would end up
+    unreadable to another user who can read the shards beside it."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise UpstreamError(f"cannot make a temporary file beside {path}")
 
 
 def read_json(uri: str) -> Any:

@@ -32,7 +32,7 @@ from PIL import Image
 
 from upstream import imagebounds
 from upstream.data import Source, corrupt, fit
-from upstream.data.base import BadImage
+from upstream.data.base import BadImage, describe_error
 from upstream.shards import tars
 from upstream.shards.captioning import Captioner
 
@@ -174,7 +174,7 @@ class EncodeJob:
         except DECODE_ERRORS as e:
             # PIL's own messages name a BytesIO, not the image: say which file or key it was.
             where = meta.get("file") or meta.get("key")
-            detail = str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"
+            detail = str(e) if isinstance(e, BadImage) else describe_error(e)
             if where and not isinstance(e, BadImage):
                 detail = f"{where}: {detail}"
             reason = " ".join(detail.split())[:MAX_REASON]
