@@ -45,6 +45,10 @@ def _check_values(name: str, values: dict[str, Any]) -> list[Any]:
         else:
             for spec in specs:
                 check_source(spec)
+    if name == "transfer":
+        from upstream.pipelines.transfer import check_shots
+
+        check_shots(configs)
     return configs
 
 

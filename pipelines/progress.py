@@ -141,6 +141,25 @@ def _tail(path: Path, lines: int) -> list[str]:
         return []
 
 
+#: The last line of a Python traceback: ``module.Name: message``.
+_EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception)): (.+)")
+
+
+def _cause(path: Path) -> str | None:
+    """Why a step failed, from its log: the message of the last exception it printed (an
+    UpstreamError's message alone: it is already the one-line error the stage would print)."""
+    found = None
+    for line in _tail(path, 2000):
+        match = _EXCEPTION_LINE.fullmatch(line.strip())
+        if match:
+            found = match
+    if found is None:
+        return None
+    kind, message = found.groups()
+    text = message if kind == "UpstreamError" else f"{kind}: {message}"
+    return text[:500]
+
+
 class QuietRun:
     """Runs one kfp.local pipeline call quietly; see the module docstring for what it patches.
 
@@ -228,10 +247,13 @@ class QuietRun:
             first = failed[0]
             names = ", ".join(s.name for s in failed)
             code = f" (exit code {first.returncode})" if first.returncode else ""
+            cause = _cause(first.log)
+            because = f": {cause}" if cause else ""
             raise UpstreamError(
-                f"step {names} of {name} failed{code}; log: {first.log}"
+                f"step {names} of {name} failed{code}{because}; log: {first.log}"
                 if len(failed) == 1 else
-                f"steps {names} of {name} failed; the first one's log: {first.log}"
+                f"steps {names} of {name} failed; the first one ({first.name}){because}; "
+                f"its log: {first.log}"
             ) from error
         if error is not None:
             raise UpstreamError(f"local run of {name} failed: {_ANSI.sub('', str(error))}") \

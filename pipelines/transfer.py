@@ -280,3 +280,32 @@ def stage_configs(values: dict[str, Any]) -> list[Any]:
         stage(EvaluateConfig, "evaluate_", model="-", id_data="-", ood_data="-"),
         stage(ReportConfig, "report_", skip=("group",)),
     ]
+
+
+def check_shots(configs: list[Any]) -> None:
+    """Each fine-tuning step's k (plus its validation examples) against the smallest class of
+    the downstream training set, before anything runs: the check the finetune step makes on
+    its manifest, over the shard plan instead (as the study's ``plan.check_sizes`` does), so
+    that a k too large fails in seconds rather than after the data and pre-training steps.
+    ``configs`` are :func:`stage_configs`'; sources that are not cheap to open are left to
+    the step."""
+    from upstream.data.sources import parse_sources
+    from upstream.finetune.splits import check_sizes
+    from upstream.shards.stage import planned_class_counts
+    from upstream.study.plan import cheap_sources
+
+    train = configs[1]  # stage_configs' order: pre-training data, downstream train, ...
+    if not all(spec.kind in cheap_sources() for spec in parse_sources(train.source)):
+        return
+    counts = planned_class_counts(train)
+    for config in configs:
+        if not isinstance(config, FinetuneConfig):
+            continue
+        try:
+            check_sizes(counts, config.shot_list, config.val_per_class,
+                        f"downstream_source {train.source} (train)")
+        except UpstreamError as e:
+            raise UpstreamError(
+                f"invalid finetune_shots={config.shots} (with finetune_val_per_class="
+                f"{config.val_per_class}): {str(e).removeprefix('finetune: ')}"
+            ) from None

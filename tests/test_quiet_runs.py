@@ -115,7 +115,9 @@ def test_a_failed_step_is_named_with_its_log_tail(
 
     message = str(raised.value)
     assert "\n" not in message
-    assert message.startswith("step shout of quiet-probe failed (exit code 1); log: ")
+    # The cause is in the one line too, not only in the tail above it.
+    assert message.startswith("step shout of quiet-probe failed (exit code 1): "
+                              "ValueError: shout refuses to say boom; log: ")
     assert message.endswith(str(Path("logs") / "shout.log"))
     assert out == ""
     starts, ends = _lines(err)

@@ -157,12 +157,13 @@ def test_caption_table_int_labels_absolute_paths_and_subset(tmp_path: Path) -> N
             "label": [10, 2, 2, 10, 7],
         },
     )
-    src = open_source(f"captions:{table}", "train")  # no split column: every row is train
+    # no split column: every row is train; images outside the table's folder need the option
+    src = open_source(f"captions:{table}", "train", allow_outside_paths=True)
     assert src.class_names == ["2", "7", "10"]  # numbers sort as numbers
     assert src.labels == [2, 0, 0, 2, 1]
     assert src.meta(0)["file"] == str(tmp_path / "elsewhere" / "img/a0.png")
     # A cut-down table still gives each row's own caption and file.
-    sub = open_source(f"captions:{table}", "train", num_classes=1)
+    sub = open_source(f"captions:{table}", "train", num_classes=1, allow_outside_paths=True)
     assert sub.class_names == ["2"] and len(sub) == 2
     assert [sub.caption(i) for i in range(2)] == ["a green thing", "blue, with a comma"]
     assert sub.raw(0) == ((tmp_path / "elsewhere/img/a1.jpg").read_bytes(), "jpg")

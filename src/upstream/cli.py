@@ -13,22 +13,60 @@ import functools
 import inspect
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from upstream.config import StageConfig, literal_choices
 from upstream.errors import UpstreamError
 from upstream.logs import setup_logging
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """A bad option (an unknown name, a value of the wrong type, a missing one) as one line
+    ``error: …`` and exit 2, like every other bad input, instead of typer's boxed message."""
+    try:
+        yield
+    except typer.TyperException as e:
+        # The bare command's help (no_args_is_help) is shown as it is, not as an error.
+        if type(e).__name__ == "NoArgsIsHelpError":
+            raise
+        ctx = getattr(e, "ctx", None)
+        names = []
+        while ctx is not None and ctx.parent is not None:
+            names.append(ctx.info_name or "")
+            ctx = ctx.parent
+        where = " ".join(["upstream", *reversed(names)])
+        message = " ".join(e.format_message().split())
+        typer.echo(f"error: {where}: {message}", err=True)
+        raise typer.Exit(2 if e.exit_code == 2 else e.exit_code or 1) from None
+
+
+class _Group(TyperGroup):
+    """The root command: usage errors of it and of every subcommand as one line."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: Any = None, **extra: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
     help="upstream: controlled studies of how pre-training data shapes transfer learning.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
 services_app = typer.Typer(help="The local S3 server and MLflow server.", no_args_is_help=True)
 run_app = typer.Typer(help="Run a pipeline locally (--local) or on Kubeflow (--host).",
@@ -58,10 +96,23 @@ def _option(name: str, annotation: Any, default: Any, help_text: str) -> inspect
 def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from upstream import faults, tracking
+
         try:
             return func(*args, **kwargs)
         except UpstreamError as e:
+            tracking.fail_fast()  # the process ends: MLflow's exit-time flushes, one try each
             raise fail(str(e)) from None
+        except KeyboardInterrupt as e:
+            tracking.fail_fast()
+            signum = getattr(e, "signum", signal.SIGINT)
+            raise fail(f"interrupted by {signal.Signals(signum).name}", 128 + signum) from None
+        except Exception as e:
+            message = faults.describe(e)
+            if message is None:
+                raise
+            tracking.fail_fast()
+            raise fail(message) from None
 
     return wrapper
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,17 +150,6 @@ class _DropOpenClipChatter(logging.Filter):
         if "No pretrained weights loaded" in record.getMessage():
             return False  # random initialisation is the point of pre-training
         return record.levelno >= logging.WARNING
-
-
-class _DropMessage(logging.Filter):
-    """Drops log records whose message contains ``text``."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -458,8 +448,11 @@ def build_pretrain_model(
 
 
 def resolve_file(uri: str, filename: str) -> str:
-    """``uri`` itself if it names a ``.pt`` file, else ``{uri}/{filename}``."""
-    return uri if uri.endswith(".pt") else storage.join(uri, filename)
+    """``uri`` itself if it names a ``.pt`` file or any existing file (so that ``ckpt.bin`` is
+    read, and refused, as the file it is), else ``{uri}/{filename}``."""
+    if uri.endswith(".pt") or storage.size(uri) is not None:
+        return uri
+    return storage.join(uri, filename)
 
 
 def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -483,14 +476,46 @@ def load_file(uri: str, expected_format: str, what: str) -> dict[str, Any]:
         raise UpstreamError(f"{what} {uri} does not exist")
     with tempfile.TemporaryDirectory(prefix="upstream-load-") as tmp:
         local = storage.download_file(uri, Path(tmp, "file.pt"))
+        with open(local, "rb") as f:
+            head = f.read(16)
+        if not head.startswith(_TORCH_MAGIC):
+            raise UpstreamError(f"{what} {uri} is not a readable torch file: {_not_torch(head)}")
         try:
             obj = torch.load(local, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UpstreamError(f"{what} {uri} is not a readable torch file: {first}") from None
+            raise UpstreamError(
+                f"{what} {uri} is not a readable torch file: {_load_error(e)}"
+            ) from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         raise UpstreamError(f"{what} {uri} is not an {expected_format} file")
     return obj
+
+
+#: How the files ``torch.save`` writes begin: a zip archive (torch ≥ 1.6), or the legacy
+#: format's pickle (protocol 2 and up begin with the PROTO opcode).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _not_torch(head: bytes) -> str:
+    if not head:
+        return "the file is empty"
+    text = head.decode("ascii", "replace")
+    if all(c.isprintable() or c.isspace() for c in text):
+        return f"it is text ({text.strip()[:12]!r}…), not a torch.save file"
+    return f"not a torch.save file (it begins with {head[:8]!r})"
+
+
+def _load_error(e: Exception) -> str:
+    """The line of torch's message that says what is wrong (the weights-only unpickler puts
+    the refused global on a later line of a long text)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    refused = ("WeightsUnpickler error", "unsupported GLOBAL")
+    why = next((ln for ln in lines if any(r in ln for r in refused)), lines[0] if lines else "")
+    # torch's zip reader appends paragraphs of advice after its first sentence.
+    why = why.split(". ", 1)[0].rstrip(".")
+    if isinstance(e, (KeyError, EOFError, IndexError)) or len(why) < 8:
+        return f"the file is damaged or cut short ({type(e).__name__})"
+    return why[:300]
 
 
 def load_checkpoint(uri: str) -> dict[str, Any]:
@@ -536,11 +561,28 @@ def pip_requirements() -> list[str]:
     return out
 
 
+#: MLflow's switch for unpickling models; forced off by :func:`load_mlflow_model`.
+ALLOW_PICKLE_VAR = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+
+
 def log_mlflow_model(
     model: nn.Module, image_size: int, out_dim: int, registered_name: str | None = None
 ) -> None:
     """Log ``model`` (takes [0, 1] images) as the run's ``model`` with a tensor signature;
-    with ``registered_name``, also as a new version of that model in the model registry."""
+    with ``registered_name``, also as a new version of that model in the model registry.
+
+    The format is MLflow's ``pt2``: a ``torch.export`` archive (the traced graph, weights as
+    raw tensor bytes), which loads without unpickling anything, so that a replaced artifact
+    cannot run code in whoever loads it with :func:`load_mlflow_model` (or with
+    ``mlflow.pytorch.load_model`` under ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``). Pickle,
+    MLflow's other choice, runs whatever the file says; state dicts plus a loader would need
+    the loader's code logged beside them, which a replaced artifact could change just as
+    well. What a pt2 model gives back is the graph (a ``torch.fx.GraphModule`` with the same
+    parameter names and outputs), not upstream's classes: upstream itself reloads its own
+    model files (``weights_only``), never MLflow's. Exporting costs ~1 s for the tiny models
+    here; every upstream tower exports (tiny-rn, tiny-vit, tiny-tvrn, tv-resnet50, RN50,
+    ViT-B-32 checked). The batch dimension stays dynamic (the example has two rows).
+    """
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -552,19 +594,37 @@ def log_mlflow_model(
     )
     was = model.training
     model.eval()
-    # Pickle is chosen on purpose (open_clip towers do not all torch.export), so mlflow's
-    # warning about it would only repeat itself in every stage's log.
-    quiet = _DropMessage("Saving pytorch model by Pickle")
-    logging.getLogger("mlflow.pytorch").addFilter(quiet)
     try:
         mlflow.pytorch.log_model(
             model,
             name="model",
-            serialization_format="pickle",
+            serialization_format="pt2",
+            input_example=np.zeros((2, 3, image_size, image_size), dtype=np.float32),
             pip_requirements=pip_requirements(),
             signature=signature,
             registered_model_name=registered_name,
         )
     finally:
-        logging.getLogger("mlflow.pytorch").removeFilter(quiet)
         model.train(was)
+
+
+def load_mlflow_model(uri: str) -> nn.Module:
+    """The model logged at ``uri`` (``runs:/…/model``, ``models:/NAME/VERSION``, a folder),
+    loaded without unpickling anything: a pt2 archive is checked to hold no pickle first, and
+    a model in pickle format (an old upstream's, or a planted ``model.pth``) is refused, one
+    line naming ``uri``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    old = os.environ.get(ALLOW_PICKLE_VAR)
+    os.environ[ALLOW_PICKLE_VAR] = "false"
+    try:
+        return mlflow.pytorch.load_model(uri)  # type: ignore[no-any-return]
+    except MlflowException as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UpstreamError(f"model {uri} was not loaded: {first}") from None
+    finally:
+        if old is None:
+            os.environ.pop(ALLOW_PICKLE_VAR, None)
+        else:
+            os.environ[ALLOW_PICKLE_VAR] = old

@@ -23,6 +23,17 @@ falls back to other ports when a default one is busy, so leaving any port to it 
 with a second instance (a test session next to a user's services). Ports are drawn at random
 from a range below the kernel's ephemeral range and checked free; the last ones used are
 reused when still free, so a shell that exported the endpoints keeps working after down/up.
+
+Locked down: S3 is the only way in. SeaweedFS's master and filer HTTP APIs (which serve
+unauthenticated reads, writes and deletes of every bucket's files) are turned off
+(``-disableHttp``: the S3 gateway talks to them over gRPC), and its volume server, whose HTTP
+port carries the data and cannot be turned off, accepts reads, writes and deletes only with a
+token signed by a key of this run (SeaweedFS's ``jwt.signing`` and ``jwt.filer_signing``
+keys, read and write, as ``WEED_JWT_*`` variables: :data:`WEED_JWT_KEYS`). The keys are drawn
+afresh at each start and live only in the server's environment: no client needs them.
+Not covered: the gRPC ports (loopback only) stay unauthenticated, as SeaweedFS secures them
+with mutual TLS alone, so a local user with a SeaweedFS client (``weed shell``) can still
+reach the store through them.
 """
 
 from __future__ import annotations
@@ -66,6 +77,12 @@ DATA_ROOT = f"s3://{DATA_BUCKET}"
 MLFLOW_ARTIFACTS = f"s3://{MLFLOW_BUCKET}/artifacts"
 REGION = "us-east-1"
 SEAWEEDFS_VERSION = "4.48"
+
+#: SeaweedFS's signing keys (security.toml's ``jwt.signing.key``, ``jwt.signing.read.key``,
+#: ``jwt.filer_signing.key``, ``jwt.filer_signing.read.key``): with them set, its volume and
+#: filer HTTP handlers refuse a read or write without a token signed by the master or filer.
+WEED_JWT_KEYS = ("WEED_JWT_SIGNING_KEY", "WEED_JWT_SIGNING_READ_KEY",
+                 "WEED_JWT_FILER_SIGNING_KEY", "WEED_JWT_FILER_SIGNING_READ_KEY")
 
 #: SeaweedFS components that listen on a port P (HTTP) and P + GRPC_OFFSET (gRPC).
 WEED_COMPONENTS = ("s3", "master", "volume", "filer", "admin")
@@ -426,6 +443,9 @@ def _weed_command(weed: Path, sdir: Path, ports: dict[str, int]) -> list[str]:
         "-master.telemetry=false",
         "-webdav=false",
         "-admin.ui=false",
+        # The master's and filer's HTTP APIs take unauthenticated writes (/dir/assign hands
+        # out volume write tokens, /col/delete drops a bucket's volumes); S3 needs neither.
+        "-disableHttp",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-s3.cacheCapacityMB=256",
@@ -463,6 +483,10 @@ def _child_env(key_id: str, secret: str, s3_endpoint: str | None) -> dict[str, s
                      MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     else:
         child["GOMEMLIMIT"] = "512MiB"
+        # Fresh per start: tokens live seconds, so nothing signed with an old key survives.
+        # Set here, they win over any security.toml SeaweedFS finds (its cwd, ~/.seaweedfs).
+        for name in WEED_JWT_KEYS:
+            child[name] = secrets.token_urlsafe(32)
     return child
 
 

@@ -7,8 +7,12 @@ Local writes are atomic (temporary file, then rename), so a reader never sees ha
 
 Every S3 request is retried by botocore (``standard`` mode, 5 attempts: throttling, 5xx and
 dropped connections); ``AWS_RETRY_MODE`` (``standard`` or ``adaptive``) and ``AWS_MAX_ATTEMPTS``
-change that, as for any AWS client. Files are uploaded in parts of :data:`MULTIPART_SIZE`
-above that size, so a failed part is retried alone and large shards need no single huge PUT.
+change that, as for any AWS client. A request waits :data:`CONNECT_TIMEOUT` to connect and
+:data:`READ_TIMEOUT` for each answer, so a dead endpoint ends a stage in seconds (refused
+connections) or ~2 minutes (an endpoint that never answers) rather than 10.
+:func:`check_reachable` makes one try with short timeouts: the pre-flight check of a stage.
+Files are uploaded in parts of :data:`MULTIPART_SIZE` above that size, so a failed part is
+retried alone and large shards need no single huge PUT.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +34,12 @@ MULTIPART_SIZE = 64 * 1024**2
 UPLOAD_CONCURRENCY = 4
 DEFAULT_RETRY_MODE = "standard"
 DEFAULT_MAX_ATTEMPTS = 5
+#: Seconds to connect, and to wait for each answer (between bytes, not for a whole body).
+CONNECT_TIMEOUT = 5
+READ_TIMEOUT = 20
+#: The pre-flight probe's timeouts: one try, no retries.
+PROBE_CONNECT_TIMEOUT = 3
+PROBE_READ_TIMEOUT = 5
 
 
 def is_s3(uri: str) -> bool:
@@ -69,14 +79,15 @@ def retry_settings() -> dict[str, Any]:
 
 
 @functools.cache
-def _client(endpoint: str | None, key_id: str | None, retries: tuple[str, int]) -> Any:
+def _client(endpoint: str | None, key_id: str | None, retries: tuple[str, int],
+            probe: bool = False) -> Any:
     import boto3
     from botocore.config import Config
 
     config = Config(
-        connect_timeout=5,
-        read_timeout=120,
-        retries={"mode": retries[0], "total_max_attempts": retries[1]},
+        connect_timeout=PROBE_CONNECT_TIMEOUT if probe else CONNECT_TIMEOUT,
+        read_timeout=PROBE_READ_TIMEOUT if probe else READ_TIMEOUT,
+        retries={"mode": retries[0], "total_max_attempts": 1 if probe else retries[1]},
         s3={"addressing_style": "path"},
         # One connection per upload thread and part, so that parallel parts do not queue.
         max_pool_connections=max(10, 2 * UPLOAD_CONCURRENCY),
@@ -102,14 +113,28 @@ def check_reachable(uri: str) -> None:
     """Fail fast, in one line, when the S3 endpoint or bucket behind ``uri`` is unusable."""
     if not is_s3(uri):
         return
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
 
     bucket, _ = split_s3(uri)
-    client = s3_client()
+    retry_settings()  # a bad AWS_MAX_ATTEMPTS is an error here already, before any compute
+    # One try with short timeouts: the point is to fail before any compute, in seconds.
+    client = _client(endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"), ("standard", 1),
+                     probe=True)
     where = endpoint_url() or "AWS S3"
     try:
-        # A cheap call with no retries: the point is to fail before any compute.
         client.head_bucket(Bucket=bucket)
+    except ConnectTimeoutError:
+        raise UpstreamError(f"S3 endpoint {where} is unreachable: no connection within "
+                            f"{PROBE_CONNECT_TIMEOUT} s (for {uri})") from None
+    except ReadTimeoutError:
+        raise UpstreamError(f"S3 endpoint {where} is unreachable: no answer within "
+                            f"{PROBE_READ_TIMEOUT} s (for {uri})") from None
     except EndpointConnectionError:
         raise UpstreamError(f"S3 endpoint {where} is unreachable (for {uri})") from None
     except NoCredentialsError:
@@ -164,10 +189,27 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    fd, tmp = _new_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _new_temp(path: Path) -> tuple[int, str]:
+    """A new file ``.{name}.{random}`` beside ``path``, with the mode a plain ``open`` gives
+    (0666 less the umask). ``tempfile.mkstemp`` makes it 0600, so a manifest would end up
+    unreadable to another user who can read the shards beside it."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise UpstreamError(f"cannot make a temporary file beside {path}")
 
 
 def read_json(uri: str) -> Any:

@@ -7,8 +7,8 @@ subset and shuffle indices first and render or decode one image at a time afterw
 from __future__ import annotations
 
 import abc
-import io
 import os
+import re
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from upstream import imagebounds
 from upstream.errors import UpstreamError
 
 #: ``SPLIT_IDS[split]`` feeds the seeds of synthetic sources, so splits never share instances.
@@ -49,13 +50,25 @@ def raw_key(ext_or_name: str) -> str | None:
     return RAW_KEYS.get(ext)
 
 
+#: An object's default repr (``<_io.BytesIO object at 0x7f…>``), which PIL puts in messages.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*? at 0x[0-9a-fA-F]+>")
+
+
+def describe_error(e: BaseException) -> str:
+    """``Type: message`` without memory addresses, so that the same bad image gets the same
+    reason in every run (the reason is written into the manifest)."""
+    return f"{type(e).__name__}: {_OBJECT_REPR.sub('', str(e))}".rstrip(": ")
+
+
 def decode(data: bytes, where: str) -> Image.Image:
-    """``data`` decoded as an RGB image; :class:`BadImage` naming ``where`` if it is not one."""
+    """``data`` decoded as an RGB image; :class:`BadImage` naming ``where`` if it is not one,
+    or if its header promises more than :data:`upstream.imagebounds.MAX_PIXELS` pixels
+    (checked before decoding)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with imagebounds.open_image(data) as img:
             return img.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
-        raise BadImage(f"cannot read image {where}: {type(e).__name__}: {e}") from None
+        raise BadImage(f"cannot read image {where}: {describe_error(e)}") from None
 
 
 def read_file(path: str | os.PathLike[str]) -> bytes:
@@ -87,6 +100,10 @@ class Source(abc.ABC):
     #: False for unlabelled data (a caption table without labels): every label is 0 and
     #: interventions that need classes refuse it.
     has_labels: bool = True
+    #: Samples the source holds but cannot offer, found when it was opened (a WebDataset
+    #: sample with no image member), each described in a few words: the shard stage counts
+    #: and lists them among the skipped, since they never get an index here.
+    without_image: Sequence[str] = ()
 
     def __init__(self, class_names: Sequence[str], labels: Sequence[int], split: str) -> None:
         self.class_names = list(class_names)
@@ -216,6 +233,7 @@ class Subset(Source):
         self.kind = base.kind
         self.caption_template = base.caption_template
         self.has_labels = base.has_labels
+        self.without_image = base.without_image
 
     def image(self, index: int) -> Image.Image:
         return self.base.image(self.indices[index])

@@ -12,6 +12,10 @@ Decisions (the issue leaves them open):
 - Relative image paths resolve against the table's folder. Every image of the split is looked
   up (a stat, no read) when the table is opened: missing files fail then, naming the first and
   counting the rest. URLs are refused (download them first, e.g. with img2dataset).
+- Image paths must lead inside the table's folder (after following symbolic links), unless
+  ``allow_outside=True`` (the shard stage's ``allow_outside_paths``): an absolute or ``../``
+  path is refused when the table is opened, naming the first and counting the rest, so that a
+  table cannot copy other files this user can read into shards and their manifest.
 - ``split``: if the column is there, rows whose value is ``train`` or ``test`` (any case) form
   those splits and other rows (``val``, ...) belong to neither; without it every row is train
   and asking for test is an error.
@@ -115,7 +119,7 @@ class CaptionTableSource(Source):
 
     kind = "captions"
 
-    def __init__(self, table: str, split: str) -> None:
+    def __init__(self, table: str, split: str, *, allow_outside: bool = False) -> None:
         self.table = check_table(table)
         self.root = self.table.parent
         df = _read(self.table)
@@ -159,6 +163,8 @@ class CaptionTableSource(Source):
         files = [_text(v) for v in df[image_col].tolist()]
         self.rows = rows
         self.paths = [self._resolve(files[i], i) for i in rows]
+        if not allow_outside:
+            self._check_inside()
         self._check_files()
         captions = df[caption_col].tolist()
         self.captions = [_text(captions[i]) for i in rows]
@@ -180,6 +186,20 @@ class CaptionTableSource(Source):
             )
         path = Path(name).expanduser()
         return path if path.is_absolute() else self.root / path
+
+    def _check_inside(self) -> None:
+        root = os.path.realpath(self.root)
+        outside = [
+            (r, p) for r, p in zip(self.rows, self.paths, strict=True)
+            if os.path.commonpath([root, os.path.realpath(p)]) != root
+        ]
+        if outside:
+            row, path = outside[0]
+            raise UpstreamError(
+                f"captions: {len(outside)} of {len(self.paths)} image paths in {self.table} "
+                f"lead outside its folder, e.g. {path} (row {row}); set allow_outside_paths "
+                "(--allow-outside-paths) to read images from anywhere"
+            )
 
     def _check_files(self) -> None:
         missing = [(r, p) for r, p in zip(self.rows, self.paths, strict=True) if not _is_file(p)]

@@ -82,11 +82,13 @@ def open_source(
     samples_per_class: int = 0,
     image_size: int = 32,
     seed: int = 0,
+    allow_outside_paths: bool = False,
 ) -> Source:
     """The samples the shard stage will write, validated (class counts, folders, ...).
 
     For synthetic sources ``num_classes`` and ``samples_per_class`` say how much to make
     (0 = the source's default); for fixed data they cut it down (0 = all).
+    ``allow_outside_paths``: a caption table may name images outside its folder.
     """
     if isinstance(spec, str):
         spec = parse_source(spec)
@@ -127,7 +129,7 @@ def open_source(
     elif spec.kind == "captions":
         from upstream.data.captions import CaptionTableSource
 
-        base = CaptionTableSource(spec.arg, split)
+        base = CaptionTableSource(spec.arg, split, allow_outside=allow_outside_paths)
     elif spec.kind == "wds":
         from upstream.data.wds import WebDatasetSource
 

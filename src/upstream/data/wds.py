@@ -227,13 +227,13 @@ class WebDatasetSource(Source):
         self._where: list[tuple[int, int, int, str]] = []  # shard, offset, size, extension
         self.captions: list[str | None] = []
         cls_values: list[int | None] = []
-        skipped = 0
+        skipped: list[str] = []
         for s, (path, name) in enumerate(zip(self.paths, self.shard_names, strict=True)):
             with open(path, "rb") as f:
                 for sample in scan(path, name):
                     ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
                     if ext is None:
-                        skipped += 1
+                        skipped.append(f"sample {sample.key} in {name} has no image")
                         continue
                     offset, size = sample.members[ext]
                     self.keys.append(sample.key)
@@ -242,7 +242,8 @@ class WebDatasetSource(Source):
                     self.captions.append(None if txt is None else txt.decode("utf-8", "replace"))
                     cls_values.append(self._cls(f, sample, name))
         if skipped:
-            log.warning("wds: skipped %d samples of %s that have no image", skipped, shards)
+            log.warning("wds: skipped %d samples of %s that have no image", len(skipped), shards)
+        self.without_image = skipped
         if not self.keys:
             raise UpstreamError(
                 f"wds: no samples with an image ({', '.join(IMAGE_EXTS)}) in {shards}"

@@ -116,6 +116,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """
     from upstream import allocator, models, tracking
 
+    tracking.check_reachable()
     done = _finished(config)
     if done is not None:
         return done

@@ -115,6 +115,7 @@ def corrupt(config: CorruptConfig) -> dict[str, Any]:
         raise UpstreamError(f"corrupt: {config.data} has no labels to evaluate against")
     output = training.output_location(config, config.output)
     storage.check_reachable(output)
+    tracking.check_reachable()
     fingerprint = suite_fingerprint(config, str(clean["fingerprint"]))
     suite_uri = storage.join(output, SUITE_FILE)
     if storage.exists(suite_uri):

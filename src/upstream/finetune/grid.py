@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from upstream.errors import UpstreamError
 from upstream.finetune import splits
 from upstream.finetune.config import TRAINED, ZERO_SHOT, Cell, FinetuneConfig
-from upstream.tracking import GROUP_ENV
+from upstream.tracking import GROUP_ENV, owner_tags
 
 if TYPE_CHECKING:
     import numpy as np
@@ -130,11 +130,12 @@ class _Source:
 
 def _check(config: FinetuneConfig) -> tuple[str, dict[str, Any], list[str]]:
     """Every input check that needs no compute; returns (output, manifest, class names)."""
-    from upstream import storage, training
+    from upstream import storage, tracking, training
     from upstream.shards import loader
 
     output = training.output_location(config, config.output)
     storage.check_reachable(output)
+    tracking.check_reachable()
     manifest = loader.read_manifest(config.data)
     if manifest.get("labelled") is False:
         raise UpstreamError(f"finetune: {config.data} has no labels (shard it from labelled data)")
@@ -401,6 +402,7 @@ class _Runner:
         }
         if os.environ.get(GROUP_ENV):
             tags["upstream.group"] = os.environ[GROUP_ENV]
+        tags.update(owner_tags())  # so that a rerun can close it if this process dies
         y = torch.as_tensor(self.labels)
         rec: dict[str, Any] = {"cell": cell, "mode": cell.mode, "shots": cell.shots,
                                "seed": cell.seed, "lr": cell.lr, "C": None}

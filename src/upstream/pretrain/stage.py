@@ -306,6 +306,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     precision = _precision(config, world.device.type == "cuda")
     output = training.output_location(config, config.output)
     storage.check_reachable(output)
+    tracking.check_reachable()
     manifest = loader.read_manifest(config.data)
     num_samples = int(manifest.get("num_samples", 0))
     class_names = [str(c) for c in manifest.get("class_names", [])]
@@ -326,6 +327,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     if config.resume == "auto":
         done = _completed(checkpoint_uri)
         if done is not None:
+            _log_unlogged(config, checkpoint_uri, done["mlflow_run_id"])
             log.info("pretrain: %s is complete already; nothing to do", checkpoint_uri)
             return done
     data_fingerprint = training.manifest_fingerprint(manifest)
@@ -552,8 +554,6 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         if batches is not None:
             batches.close()  # drops the DataLoader iterator it holds, so the workers can stop
         stream.close()
-        if metrics is not None:
-            metrics.close()
         steady = timings[1:] or timings  # the first step pays one-off costs
         throughput = sum(n for n, _, _ in steady) / max(1e-9, sum(t for _, t, _ in steady))
         wait_share = sum(w for _, _, w in steady) / max(1e-9, sum(t for _, t, _ in steady))
@@ -571,6 +571,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         if world.is_main:
             _finish(config, net, manifest, class_names, architecture, data_fingerprint,
                     output, checkpoint_uri, result, history, run is not None)
+        if metrics is not None:  # after the checkpoint: an MLflow failure must not cost it
+            metrics.close()
         distributed.barrier()
     return result
 
@@ -648,8 +650,10 @@ def _finish(
     if net.head is not None:
         checkpoint["head_weight"] = net.head.weight.detach().cpu().clone()
         checkpoint["head_bias"] = net.head.bias.detach().cpu().clone()
+    # Before anything goes to MLflow: a tracking server failing from here on costs the
+    # run's record, never the checkpoint (the next run of the config logs what is missing).
+    models.save_file(checkpoint, checkpoint_uri)
     if not tracked:
-        models.save_file(checkpoint, checkpoint_uri)
         return
     import mlflow
 
@@ -664,7 +668,43 @@ def _finish(
     name = registry_name(config, (config.source_name or training.manifest_source(manifest)))
     models.log_mlflow_model(net.encoder.cpu(), net.encoder.image_size,
                             models.embed_dim_of(config.model), registered_name=name)
-    models.save_file(checkpoint, checkpoint_uri)
     log.info("pretrain done: loss %.4f, %.0f samples/s, checkpoint %s, registered as %s",
              result["final_loss"], result["samples_per_s"], checkpoint_uri, name)
 
+
+
+def _log_unlogged(config: PretrainConfig, checkpoint_uri: str, run_id: str) -> None:
+    """A finished checkpoint whose MLflow run did not finish (MLflow failed after the
+    checkpoint was written, or its process was killed while logging): reopen that run, log
+    the final metrics and the model (and its registry version), and end it FINISHED. A run
+    still held by a live process, or one this server does not know, is left alone."""
+    if not run_id:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from upstream import models, tracking
+
+    try:
+        run = MlflowClient(tracking.tracking_uri()).get_run(run_id)
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in str(e) or "not found" in str(e).lower():
+            return
+        raise
+    if run.info.status == "FINISHED" or (
+        run.info.status == "RUNNING"
+        and not tracking.owner_gone(run.data.tags.get(tracking.OWNER_TAG))
+    ):
+        return
+    import mlflow
+
+    log.info("pretrain: MLflow run %s ended %s before the model was logged; logging it now",
+             run_id, run.info.status)
+    ckpt = models.load_checkpoint(checkpoint_uri)
+    encoder = models.encoder_from_state(str(ckpt["model_name"]), ckpt["visual"])
+    with tracking.stage_run(config, config.experiment, run_id=run_id):
+        mlflow.log_metrics({"final_loss": float(ckpt["final_loss"]),
+                            "samples_per_s_mean": float(ckpt["samples_per_s"])})
+        models.log_mlflow_model(encoder.cpu(), encoder.image_size,
+                                models.embed_dim_of(str(ckpt["model_name"])),
+                                registered_name=registry_name(config, str(ckpt["data_source"])))

@@ -18,6 +18,7 @@ moment leaves a pointer naming a complete object (or no pointer). Older objects 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ STATE_DIR = "state"
 LATEST = "latest"
 #: State objects kept: the newest and the one before (in case the newest is being read).
 KEEP = 2
+#: The only names ``latest`` may hold: a state object in the same folder.
+_STATE_NAME = re.compile(r"step-\d{8,}\.pt")
 
 
 def rng_states() -> dict[str, Any]:
@@ -97,7 +100,14 @@ def find(output: str, resume: str) -> Found | None:
     pointer = storage.join(state_dir(output), LATEST)
     if not storage.exists(pointer):
         return None
-    name = storage.read_bytes(pointer).decode().strip()
+    name = storage.read_bytes(pointer).decode("utf-8", "replace").strip()
+    if name and not _STATE_NAME.fullmatch(name):
+        # Checked before the name is used: a pointer edited to "../../x" or "/etc/passwd"
+        # must not make the run read (or report on) a file outside its output.
+        raise UpstreamError(
+            f"pretrain: resume: {pointer} names {name[:80]!r}, which is not a state file of "
+            "this output (step-NNNNNNNN.pt; resume=never starts over)"
+        )
     uri = storage.join(state_dir(output), name)
     if not name or not storage.exists(uri):
         raise UpstreamError(

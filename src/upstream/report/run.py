@@ -137,6 +137,7 @@ def report(config: ReportConfig) -> dict[str, Any]:
     from upstream import __version__, storage, tracking
 
     t0 = time.perf_counter()
+    tracking.check_reachable()
     output = config.output_location()
     with tempfile.TemporaryDirectory(prefix="upstream-report-") as tmp:
         runs, res = compute(config, tmp)

@@ -14,7 +14,9 @@ Decisions where the issue is silent:
   (the foundation's :func:`upstream.data.fit`); both resample bilinearly.
 - An unreadable image is one whose source raises :class:`BadImage` or whose decoding raises
   what PIL raises for bad data (``OSError``, ``SyntaxError``, ``ValueError``, ``EOFError``, a
-  decompression bomb); any other exception is a bug and stops the stage.
+  decompression bomb), or whose header promises more than
+  :data:`upstream.imagebounds.MAX_PIXELS` (a ``ValueError``, raised before decoding: the
+  readers refuse such images in a set); any other exception is a bug and stops the stage.
 - A sample's metadata is the source's (kind, split, index, its own facts) with the final class
   name; a mixture adds ``source_no``, a relabelled sample its ``source_class_name``.
 """
@@ -28,8 +30,9 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
+from upstream import imagebounds
 from upstream.data import Source, corrupt, fit
-from upstream.data.base import BadImage
+from upstream.data.base import BadImage, describe_error
 from upstream.shards import tars
 from upstream.shards.captioning import Captioner
 
@@ -84,8 +87,10 @@ def encode_image(img: Image.Image, image_format: str, jpeg_quality: int = 95) ->
 
 
 def check_decodes(data: bytes) -> None:
-    """Raise one of :data:`DECODE_ERRORS` unless ``data`` decodes as a whole image."""
-    with Image.open(io.BytesIO(data)) as img:
+    """Raise one of :data:`DECODE_ERRORS` unless ``data`` decodes as a whole image within
+    :data:`upstream.imagebounds.MAX_PIXELS` (checked from its header, before decoding): the
+    ceiling the readers of ``keep`` sets hold it to."""
+    with imagebounds.open_image(data) as img:
         img.load()
 
 
@@ -169,7 +174,7 @@ class EncodeJob:
         except DECODE_ERRORS as e:
             # PIL's own messages name a BytesIO, not the image: say which file or key it was.
             where = meta.get("file") or meta.get("key")
-            detail = str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"
+            detail = str(e) if isinstance(e, BadImage) else describe_error(e)
             if where and not isinstance(e, BadImage):
                 detail = f"{where}: {detail}"
             reason = " ".join(detail.split())[:MAX_REASON]

@@ -21,6 +21,13 @@ Decisions the issue leaves open:
   every shard read to its end against the manifest: its sample count (a tar cut between
   members is a valid, shorter tar) and its sha256. Errors name the shard, the member being
   read and the last complete sample.
+- **Bounded decoding.** Every image's size is read from its header before it is decoded and
+  checked against what the manifest promises (no side beyond ``image_size`` for ``square``
+  and ``max_side`` sets) and against :data:`upstream.imagebounds.MAX_PIXELS` (``keep`` sets
+  too): a larger one is an error naming the shard and the key, not a skipped sample. A set
+  the shard stage wrote never holds one (it skips or fails on such images by its
+  ``on_bad_image``), so one here means the set was altered; and skipping would break the
+  batch counts every rank computes from the manifest.
 - **Equal batches on every rank.** With ``resampled=True`` (pre-training) every rank and worker
   draws shards with replacement (weighted by their sample counts, so that every sample is
   equally likely; seeded by seed, epoch, rank and worker) and yields a fixed number of full
@@ -52,7 +59,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import io
 import itertools
 import json
 import logging
@@ -68,8 +74,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from upstream import storage
+from upstream import imagebounds, storage
 from upstream.errors import UpstreamError
+from upstream.imagebounds import Bounds
 from upstream.shards.tarread import Blocks, TarError, TarMembers, split_name
 
 log = logging.getLogger(__name__)
@@ -223,10 +230,11 @@ def read_shard(url: str, expected: dict[str, Any] | None = None) -> Iterator[Sam
         raw.close()
 
 
-def decode_image(data: bytes, where: str) -> Image.Image:
-    """Image bytes → an RGB PIL image; unreadable data is an :class:`UpstreamError`."""
+def decode_image(data: bytes, where: str, bounds: Bounds = imagebounds.CEILING) -> Image.Image:
+    """Image bytes → an RGB PIL image; unreadable data, or an image whose header promises more
+    pixels than ``bounds`` (checked before decoding), is an :class:`UpstreamError`."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = imagebounds.open_image(data, bounds)
         img.load()
         # An RGB image is used as it is: ``convert`` would copy it.
         return img if img.mode == "RGB" else img.convert("RGB")
@@ -254,24 +262,29 @@ def _native_decoder() -> Callable[..., torch.Tensor] | None:
         return None
 
 
-def decode_chw(data: bytes, where: str) -> torch.Tensor:
+def decode_chw(data: bytes, where: str, bounds: Bounds = imagebounds.CEILING) -> torch.Tensor:
     """Image bytes → an RGB uint8 CHW tensor: the pixels :func:`decode_image` and
     :func:`to_tensor` give, without a PIL image in between.
 
     torchvision's decoders (libpng, libjpeg-turbo, libwebp, as PIL's) give the same numbers
     as PIL's ``convert("RGB")`` for 8-bit PNG (grey, palette, alpha), JPEG (grey, CMYK) and
     WebP, at about half the CPU for small images; anything they refuse or give as more than
-    8 bits (16-bit PNG) goes through PIL, and so do its errors.
+    8 bits (16-bit PNG) goes through PIL, and so do its errors. The header is checked against
+    ``bounds`` first, as in :func:`decode_image`: torchvision's decoders have no pixel limit.
     """
     decode = _native_decoder()
     x = None
     if decode is not None:
         try:
+            imagebounds.check(data, bounds)
+        except Exception as e:  # noqa: BLE001 - too large, or PIL raised for bad data
+            raise UpstreamError(f"cannot decode image {where}: {e}") from None
+        try:
             x = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), _RGB, False)
         except Exception:  # noqa: BLE001 - PIL decides, and names the problem
             x = None
     if x is None or x.dtype != torch.uint8 or x.dim() != 3 or x.shape[0] != 3:
-        return torch.from_numpy(np.array(decode_image(data, where))).permute(2, 0, 1)
+        return torch.from_numpy(np.array(decode_image(data, where, bounds))).permute(2, 0, 1)
     return x
 
 
@@ -328,12 +341,14 @@ def load_split(
             raise UpstreamError(f"index {bad[0]} is out of range for {uri} ({total} samples)")
     samples = _all_samples(uri, manifest)
     chosen = wanted if indices is not None else range(total)
+    bounds = imagebounds.for_manifest(manifest)
     images, labels, captions = [], [], []
     for i in chosen:
         s = samples[i]
         data = _image_bytes(s) or b""
-        images.append(decode_chw(data, _where(s)).float().div_(255) if transform is to_tensor
-                      else transform(decode_image(data, _where(s))))
+        images.append(decode_chw(data, _where(s), bounds).float().div_(255)
+                      if transform is to_tensor
+                      else transform(decode_image(data, _where(s), bounds)))
         labels.append(_label(s))
         captions.append(_caption(s))
     if not images:
@@ -543,6 +558,8 @@ class _Settings:
     transform: Transform
     with_captions: bool
     tokenizer: Callable[[list[str]], torch.Tensor] | None = None
+    #: What the manifest promises about image sizes (checked before decoding).
+    bounds: Bounds = imagebounds.CEILING
 
     def plan(self, epoch: int) -> Plan:
         return plan_epoch(
@@ -743,10 +760,10 @@ class _Reader(torch.utils.data.IterableDataset):
             where = _where(sample)
             try:
                 if direct:  # the stored image as it is: uint8 CHW, made floats per batch
-                    x = decode_chw(_image_bytes(sample) or b"", where)
+                    x = decode_chw(_image_bytes(sample) or b"", where, st.bounds)
                     scale = True
                 else:
-                    img: Any = decode_image(_image_bytes(sample) or b"", where)
+                    img: Any = decode_image(_image_bytes(sample) or b"", where, st.bounds)
                     if before is not None:
                         img = before(img)
                     scale = fused and isinstance(img, Image.Image) and img.mode == "RGB"
@@ -955,6 +972,7 @@ class Stream:
             transform=transform or to_tensor,
             with_captions=with_captions,
             tokenizer=tokenizer,
+            bounds=imagebounds.for_manifest(self.manifest),
         )
         self.num_workers = num_workers
         # [epoch, continuous, batches to skip per worker...]: read by persistent workers at

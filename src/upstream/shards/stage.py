@@ -89,8 +89,9 @@ Corruption = Literal[
     "snow", "frost", "fog", "brightness",
     "imagenet_c_contrast", "elastic_transform", "pixelate", "jpeg_compression",
 ]
-#: Fields that do not change the data: where it goes, where it is logged, how fast it is made.
-NOT_DECISIVE = {"output", "experiment", "workers"}
+#: Fields that do not change the data: where it goes, where it is logged, how fast it is made,
+#: whether a caption table may name images outside its folder (it reads them or refuses).
+NOT_DECISIVE = {"output", "experiment", "workers", "allow_outside_paths"}
 
 
 def split_list(text: str) -> list[str]:
@@ -219,6 +220,11 @@ class ShardConfig(StageConfig):
         description="Cut into at least this many shards when there are enough samples; use "
         "≥ 8 × data workers × ranks of the training that reads them.",
     )
+    allow_outside_paths: bool = Field(
+        False, description="captions:TABLE: also read image paths that lead outside the "
+        "table's folder (absolute, ../, or a symbolic link out). Off by default: such a "
+        "table is refused, so that it cannot copy other readable files into the shards."
+    )
     on_bad_image: Literal["skip", "fail"] = Field(
         "skip",
         description="An unreadable image: skip it (counted and listed in the manifest) or fail.",
@@ -293,6 +299,7 @@ def shard(config: ShardConfig) -> dict[str, Any]:
     for spec in specs:
         check_source(spec)
     storage.check_reachable(config.output)
+    tracking.check_reachable()
     fingerprint = data_fingerprint(config)
     existing = _complete_manifest(config, fingerprint)
     if existing is not None:
@@ -392,6 +399,7 @@ def open_sources(config: ShardConfig, specs: list[SourceSpec]) -> list[Source]:
             samples_per_class=config.samples_per_class if generated else 0,
             image_size=config.image_size,
             seed=config.seed,
+            allow_outside_paths=config.allow_outside_paths,
         )
         if len(source) == 0:
             raise UpstreamError(f"shard: {spec} ({config.split}) has no samples")
@@ -695,6 +703,12 @@ def _write(
     if not shards:
         raise UpstreamError(f"shard: every image of {config.source} was unreadable")
     skipped = [
+        # No index: such a sample never had one in its source (see Source.without_image).
+        *(
+            {"source": names[s], "index": None, "reason": reason}
+            for s, source in enumerate(prepared.sources)
+            for reason in source.without_image
+        ),
         *(
             {"source": names[s], "index": i, "reason": "unreadable (while de-duplicating)"}
             for s, i in prepared.unreadable

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from upstream import storage
+from upstream import scratch, storage
 from upstream.errors import UpstreamError
 from upstream.shards import tars
 from upstream.shards.encode import Encoded, EncodeJob, Unreadable
@@ -213,7 +212,8 @@ class ShardWriting:
         output = self.uploader.output
         with contextlib.ExitStack() as stack:
             if storage.is_s3(output):
-                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="upstream-")))
+                # A killed run's scratch folder (its half-written shard) goes on the next run.
+                folder = stack.enter_context(scratch.folder("upstream-shard-"))
             else:
                 folder = Path(output)
                 folder.mkdir(parents=True, exist_ok=True)
