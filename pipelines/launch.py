@@ -98,8 +98,10 @@ def run_local(name: str, values: dict[str, Any], stop_services: bool = False) ->
 
     started = services.status() is None
     info = services.up()
+    # Restored at the end: a caller in the same process (a notebook, a test) keeps its own
+    # endpoints afterwards.
+    changes = services.apply_env(info, override=True)
     try:
-        services.apply_env(info, override=True)
         for key in ("data_root", "work_root"):
             if key in values:
                 storage.check_reachable(values[key])
@@ -130,6 +132,7 @@ def run_local(name: str, values: dict[str, Any], stop_services: bool = False) ->
         summary = _summary(name, run_dir, quiet.seconds, metrics, info, values, experiment,
                            group, report)
     finally:
+        services.restore_env(changes)
         if stop_services and started:
             services.down()
     if stop_services and started:

@@ -73,3 +73,18 @@ def tracking_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         mp.delenv("UPSTREAM_RUN_GROUP", raising=False)
         yield home
 
+
+
+# --- order: the longest files first -----------------------------------------------------------
+# Under `--dist loadfile` xdist hands whole files to whichever worker is free, in collection
+# order; the files that run for minutes go first, so that neither worker is left running one
+# of them alone at the end (longest-first scheduling). Within a file the order is unchanged.
+LONG_FILES = (
+    "test_study_e2e.py", "test_e2e.py", "test_cli.py", "test_pretrain_scale.py",
+    "test_faults.py", "test_claims.py", "test_finetune.py", "test_sources_hard.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))

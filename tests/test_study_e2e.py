@@ -114,14 +114,15 @@ def test_one_line_per_step_and_where_the_report_is(first_run) -> None:
     assert "<html" in Path(copy).read_text()[:2000].lower()
 
 
-def test_units_in_mlflow_equal_the_plan(first_run, spec_files) -> None:
+def test_units_in_mlflow_equal_the_plan(first_run, local_services, spec_files) -> None:
     import mlflow
 
     from upstream.study import plan as study_plan
     from upstream.study import spec as study_spec
 
-    # An earlier test may have pointed mlflow elsewhere (set_tracking_uri outlives it).
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    # The services the study ran against: an earlier test in this worker may have pointed
+    # mlflow, or the environment, elsewhere (set_tracking_uri outlives it).
+    mlflow.set_tracking_uri(local_services.mlflow_uri)
 
     root, _, _ = first_run
     spec, text = study_spec.load(str(spec_files[0]))
