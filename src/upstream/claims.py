@@ -25,9 +25,12 @@ Taking a claim:
   touch the file's mtime through a descriptor of our own inode, so they never refresh a claim
   that replaced ours.
 
-A claim is stale when it expired, when its owner ran on this host and that process is gone
-(a SIGKILLed writer is taken over at once, not after ``ttl_s``), or when it stayed unreadable
-(a writer died between creating and filling it) for :data:`UNREADABLE_GRACE_S`.
+A claim is stale when its owner ran on this host and that process is gone (a SIGKILLed writer
+is taken over at once, not after ``ttl_s``); when its owner ran on another host and it
+expired; or when it stayed unreadable (a writer died between creating and filling it) for
+:data:`UNREADABLE_GRACE_S`. A live owner on this host keeps its claim however late its
+heartbeat (a stopped process would go on writing when continued); a writer whose heartbeat
+was late checks, before its next commit, that the claim is still its own.
 
 What a second writer does: another config is refused in one line naming the holder; the same
 config waits until the holder's claim is gone (finished, failed or stale) and then goes on as
@@ -120,12 +123,14 @@ class Seen:
         if self.content is None:
             return (f"unreadable for {self.age:.0f} s" if self.age > UNREADABLE_GRACE_S
                     else None)
+        owner = self.owner
+        if owner is not None and owner.host == socket.gethostname():
+            # Here the owner's fate is known: a live one (stopped, or stuck) keeps its claim
+            # however old, since it would go on writing when it wakes up.
+            return None if _alive(owner) else f"its owner, pid {owner.pid} on this host, is gone"
         ttl = float(self.content.get("ttl_s", TTL_S))
         if self.age > ttl:
             return f"not refreshed for {self.age:.0f} s (expires after {ttl:.0f} s)"
-        owner = self.owner
-        if owner is not None and owner.host == socket.gethostname() and not _alive(owner):
-            return f"its owner, pid {owner.pid} on this host, is gone"
         return None
 
     def describe(self) -> str:
@@ -377,6 +382,7 @@ class Claim:
     _version: Any = None
     _lost: str | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
+    _refreshing: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
     _last_ok: float = field(default_factory=time.monotonic)
     #: whether it was taken after waiting for a writer of the same config
@@ -401,8 +407,12 @@ class Claim:
         return {INHERITED_ENV: f"{self.token} {self.uri}"}
 
     def check(self) -> None:
-        if self._lost is None and time.monotonic() - self._last_ok > self.ttl:
-            self._lost = f"not refreshed for {self.ttl:.0f} s"
+        if self._lost is None and time.monotonic() - self._last_ok > self.ttl / 2:
+            # The heartbeat is late (the process was stopped, or the store is slow): find
+            # out now whether the claim is still ours.
+            self._refresh()
+            if self._lost is None and time.monotonic() - self._last_ok > self.ttl:
+                self._lost = f"could not refresh it for {self.ttl:.0f} s"
         if self._lost is not None:
             raise UpstreamError(
                 f"{self.stage}: lost the claim on {self.uri} ({self._lost}); another writer "
@@ -410,21 +420,28 @@ class Claim:
             )
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.ttl / 4):
-            with _fork_lock:
-                try:
-                    version = self._store.refresh(self._version, self.body())
-                except Exception as e:  # noqa: BLE001 - transient: the next beat tries again
-                    log.warning("%s: could not refresh the claim on %s: %s",
-                                self.stage, self.uri, e)
-                    continue
-                if version is None:
+        while self._lost is None and not self._stop.wait(self.ttl / 4):
+            self._refresh()
+
+    def _refresh(self) -> None:
+        with _fork_lock, self._refreshing:
+            if self._lost is not None:
+                return
+            try:
+                version = self._store.refresh(self._version, self.body())
+            except Exception as e:  # noqa: BLE001 - transient: the next beat tries again
+                log.warning("%s: could not refresh the claim on %s: %s",
+                            self.stage, self.uri, e)
+                return
+            if version is None:
+                seen = None
+                with contextlib.suppress(Exception):
                     seen = self._store.read()
-                    self._lost = ("replaced by " + seen.describe()) if seen else "removed"
-                    log.error("%s: the claim on %s was %s", self.stage, self.uri, self._lost)
-                    return
-                self._version = version
-                self._last_ok = time.monotonic()
+                self._lost = ("replaced by " + seen.describe()) if seen else "removed"
+                log.error("%s: the claim on %s was %s", self.stage, self.uri, self._lost)
+                return
+            self._version = version
+            self._last_ok = time.monotonic()
 
     def _start(self) -> None:
         self._last_ok = time.monotonic()
@@ -448,6 +465,16 @@ def claim_uri(output: str) -> str:
 def acquire(output: str, fingerprint: str, stage: str, *, ttl: float = TTL_S) -> Claim:
     """Claim ``output`` for a writer of ``fingerprint``: refused (one line naming the holder)
     while another config holds it; waits while the same config does; takes a stale one over."""
+    try:
+        return _acquire(output, fingerprint, stage, ttl)
+    except UpstreamError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the store refused or failed: say so in one line
+        detail = " ".join(str(e).split())
+        raise UpstreamError(f"{stage}: cannot claim {output}: {detail}") from None
+
+
+def _acquire(output: str, fingerprint: str, stage: str, ttl: float) -> Claim:
     uri = claim_uri(output)
     store = _store(uri)
     held = Claim(uri, stage, fingerprint, Owner.me(), ttl, store)
