@@ -20,6 +20,12 @@ training state every ``checkpoint_every`` steps (:mod:`upstream.pretrain.trainst
 step, rank) and every batch's augmentations from (seed, epoch, rank, worker, batch) (SimCLR's
 views, made in this process: from (seed, epoch, batch, rank)), so a resumed run takes the steps
 an uninterrupted one would; with ``deterministic`` it ends with the same weights.
+
+One writer per output (:mod:`upstream.claims`): rank 0 (or the process that starts torchrun)
+claims the output before anything is written. Another config is refused in one line naming
+the holder; the same config waits, then returns the holder's result, or resumes from
+``state/`` if the holder failed or died. A finished checkpoint of another config at the
+output is refused too (it used to be returned as this config's result).
 """
 
 from __future__ import annotations

@@ -25,6 +25,11 @@ Decisions where the issue is silent:
   so changed source data is not mixed in); it keeps the finished shards still there at their
   recorded size, up to the first that is not, and writes the rest again. ``.progress.json``
   is removed once the manifest is written.
+- One writer per output (:mod:`upstream.claims`): the stage claims its output before it
+  writes there. Another config is refused in one line naming the holder; the same config
+  (``workers`` may differ) waits for the holder and then reuses the finished set, or resumes
+  it shard by shard if the holder failed or died. A finished set of this config is reused
+  without a claim (nothing is written).
 - Generated sources are made with ``num_classes`` × ``samples_per_class``; every other source
   is opened whole and the plan cuts it.
 """
