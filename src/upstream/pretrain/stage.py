@@ -20,6 +20,12 @@ training state every ``checkpoint_every`` steps (:mod:`upstream.pretrain.trainst
 step, rank) and every batch's augmentations from (seed, epoch, rank, worker, batch) (SimCLR's
 views, made in this process: from (seed, epoch, batch, rank)), so a resumed run takes the steps
 an uninterrupted one would; with ``deterministic`` it ends with the same weights.
+
+One writer per output (:mod:`upstream.claims`): rank 0 (or the process that starts torchrun)
+claims the output before anything is written. Another config is refused in one line naming
+the holder; the same config waits, then returns the holder's result, or resumes from
+``state/`` if the holder failed or died. A finished checkpoint of another config at the
+output is refused too (it used to be returned as this config's result).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from upstream import claims
 from upstream.config import StageConfig, wiring
 
 if TYPE_CHECKING:
@@ -259,13 +266,22 @@ class Objective:
         return _Loss()
 
 
-def _completed(checkpoint_uri: str) -> dict[str, Any] | None:
-    """The result of a run whose final checkpoint exists (a re-run step is a no-op)."""
+def _completed(checkpoint_uri: str, config: PretrainConfig) -> dict[str, Any] | None:
+    """The result of a run of ``config`` whose final checkpoint exists (a re-run step is a
+    no-op); another config's checkpoint there is an error, not this config's result."""
     from upstream import models, storage
+    from upstream.errors import UpstreamError
 
     if not storage.exists(checkpoint_uri):
         return None
     ckpt = models.load_checkpoint(checkpoint_uri)
+    theirs = ckpt.get("config_fingerprint")  # absent in checkpoints written before it was
+    if theirs is not None and theirs != config.fingerprint():
+        raise UpstreamError(
+            f"pretrain: {checkpoint_uri} is the checkpoint of another config (fingerprint "
+            f"{theirs}, method {ckpt.get('method')}, not {config.fingerprint()}); use another "
+            "output or remove it"
+        )
     return {
         "checkpoint": checkpoint_uri,
         "mlflow_run_id": ckpt.get("mlflow_run_id", ""),
@@ -279,11 +295,10 @@ def _completed(checkpoint_uri: str) -> dict[str, Any] | None:
 def pretrain(config: PretrainConfig) -> dict[str, Any]:
     """Train (this process's share, under torchrun), write the checkpoint and log to MLflow
     (rank 0); return {checkpoint, mlflow_run_id, final_loss, samples_per_s, steps}."""
-    import torch
 
-    from upstream import allocator, models, storage, tracking, training
+    from upstream import models, storage, tracking, training
     from upstream.errors import UpstreamError
-    from upstream.pretrain import augment, distributed, trainstate
+    from upstream.pretrain import distributed, trainstate
     from upstream.shards import loader
 
     # Everything that can be wrong with the input is checked before the model is built.
@@ -325,7 +340,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         )
     checkpoint_uri = storage.join(output, models.CHECKPOINT_FILE)
     if config.resume == "auto":
-        done = _completed(checkpoint_uri)
+        done = _completed(checkpoint_uri, config)
         if done is not None:
             _log_unlogged(config, checkpoint_uri, done["mlflow_run_id"])
             log.info("pretrain: %s is complete already; nothing to do", checkpoint_uri)
@@ -341,7 +356,52 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     found = trainstate.find(output, config.resume)
     if found is not None:
         trainstate.check_compatible(found, run_facts)
+    # Only rank 0 writes (states, checkpoint, model): it alone claims the output. Under
+    # _torchrun it finds its parent's claim instead.
+    claim = (claims.claimed(output, config.fingerprint(), "pretrain") if world.is_main
+             else contextlib.nullcontext(None))
+    with claim as held:
+        if held is not None and held.waited:
+            # A writer of this config held the output: it may have finished, or saved states.
+            if world.size > 1:
+                # Returning alone would leave the other ranks waiting for rank 0 forever.
+                raise UpstreamError(f"pretrain: {output} was written by another run of this "
+                                    "config while this one waited; run it again to resume")
+            done = _completed(checkpoint_uri, config) if config.resume == "auto" else None
+            if done is not None:
+                log.info("pretrain: %s was completed by the writer this one waited for",
+                         checkpoint_uri)
+                return done
+            found = trainstate.find(output, config.resume)
+            if found is not None:
+                trainstate.check_compatible(found, run_facts)
+        return _train(config, world, precision, output, manifest, checkpoint_uri, run_facts,
+                      found, held)
 
+
+def _train(
+    config: PretrainConfig,
+    world: Any,
+    precision: str,
+    output: str,
+    manifest: dict[str, Any],
+    checkpoint_uri: str,
+    run_facts: dict[str, Any],
+    found: Any,
+    held: Any,
+) -> dict[str, Any]:
+    """:func:`pretrain`'s training, after its checks, under the claim ``held`` (None on the
+    ranks that write nothing)."""
+    import torch
+
+    from upstream import allocator, models, tracking, training
+    from upstream.errors import UpstreamError
+    from upstream.pretrain import augment, distributed, trainstate
+    from upstream.shards import loader
+
+    num_samples = int(manifest.get("num_samples", 0))
+    class_names = [str(c) for c in manifest.get("class_names", [])]
+    data_fingerprint = run_facts["data_fingerprint"]
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -456,6 +516,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         def save_state() -> None:
             if not world.is_main:
                 return
+            held.check()
             trainstate.save(output, step, {
                 "run": run_facts,
                 "step": step, "epoch": epoch, "position": position,
@@ -569,6 +630,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             "resumed": found.uri if found is not None else "",
         }
         if world.is_main:
+            held.check()
             _finish(config, net, manifest, class_names, architecture, data_fingerprint,
                     output, checkpoint_uri, result, history, run is not None)
         if metrics is not None:  # after the checkpoint: an MLflow failure must not cost it
@@ -584,19 +646,27 @@ def _torchrun(config: PretrainConfig) -> dict[str, Any]:
     from upstream.errors import UpstreamError
 
     output = training.output_location(config, config.output)
+    storage.check_reachable(output)
     placed = config.model_copy(update={"output": output})
-    with tempfile.TemporaryDirectory(prefix="upstream-torchrun-") as tmp:
+    checkpoint_uri = storage.join(output, models.CHECKPOINT_FILE)
+    # Claimed here, for the processes torchrun starts: their rank 0 checks this claim.
+    with (claims.claimed(output, config.fingerprint(), "pretrain") as held,
+          tempfile.TemporaryDirectory(prefix="upstream-torchrun-") as tmp):
+        if held.waited and config.resume == "auto":
+            done = _completed(checkpoint_uri, config)
+            if done is not None:
+                return done
         path = Path(tmp, "config.json")
         path.write_text(placed.model_dump_json())
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={config.procs_per_node}", "-m", "upstream.pretrain",
                    str(path)]
         log.info("pretrain: %s", " ".join(command))
-        code = subprocess.run(command, check=False).returncode
+        code = subprocess.run(command, check=False, env={**os.environ, **held.env()}).returncode
     if code != 0:
         raise UpstreamError(f"pretrain: torchrun with {config.procs_per_node} processes "
                             f"failed (exit code {code}); see the log above")
-    done = _completed(storage.join(output, models.CHECKPOINT_FILE))
+    done = _completed(checkpoint_uri, config)
     if done is None:
         raise UpstreamError(f"pretrain: torchrun ended without a checkpoint at {output}")
     return done
@@ -637,6 +707,7 @@ def _finish(
         "visual": models.plain_state_dict(net.encoder.visual),
         "class_names": class_names,
         "config": config.model_dump(mode="json") | {"output": output},
+        "config_fingerprint": config.fingerprint(),
         "data_fingerprint": data_fingerprint,
         "data_source": (config.source_name or training.manifest_source(manifest)),
         "data_interventions": _interventions(manifest),

@@ -25,6 +25,11 @@ Decisions where the issue is silent:
   so changed source data is not mixed in); it keeps the finished shards still there at their
   recorded size, up to the first that is not, and writes the rest again. ``.progress.json``
   is removed once the manifest is written.
+- One writer per output (:mod:`upstream.claims`): the stage claims its output before it
+  writes there. Another config is refused in one line naming the holder; the same config
+  (``workers`` may differ) waits for the holder and then reuses the finished set, or resumes
+  it shard by shard if the holder failed or died. A finished set of this config is reused
+  without a claim (nothing is written).
 - Generated sources are made with ``num_classes`` × ``samples_per_class``; every other source
   is opened whole and the plan cuts it.
 """
@@ -40,6 +45,7 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -48,7 +54,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
-from upstream import storage, tracking
+from upstream import claims, storage, tracking
 from upstream.config import StageConfig, wiring
 from upstream.data import Source, SourceSpec, check_source, open_source
 from upstream.data.base import seed_words
@@ -73,7 +79,8 @@ MAX_LISTED_SKIPS = 1000
 #: Files a shard stage leaves in its output (shards, the manifest, sizes, k-shot lists, the
 #: progress record, their temporary copies): the only ones it deletes when it clears an output.
 _OWN_FILES = re.compile(
-    r"shard-\d+\.tar|\.shard-\d+\.tar\.part"
+    r"shard-\d+\.tar|\.shard-\d+\.tar(\.[0-9a-f]+)?\.part"
+    r"|\.claim\.json(\.[0-9a-f]+\.taken)?"
     r"|(manifest|sizes)\.json|\.(manifest|sizes)\.json\..+"
     r"|\.progress\.json|\.\.progress\.json\..+"
     r"|kshot/k\d+-seed\d+\.json|kshot/\.k\d+-seed\d+\.json\..+"
@@ -300,10 +307,31 @@ def shard(config: ShardConfig) -> dict[str, Any]:
         check_source(spec)
     storage.check_reachable(config.output)
     tracking.check_reachable()
+    if not storage.is_s3(config.output) and Path(config.output).is_file():
+        raise UpstreamError(f"shard: output {config.output} is a file, not a folder")
     fingerprint = data_fingerprint(config)
     existing = _complete_manifest(config, fingerprint)
     if existing is not None:
-        return existing
+        return existing  # nothing is written: no claim needed
+    with claims.claimed(config.output, fingerprint, "shard") as held:
+        # A writer of this config that held the output while this one waited may be done.
+        existing = _complete_manifest(config, fingerprint, warn=False)
+        if existing is not None:
+            return existing
+        manifest = _claimed_shard(config, specs, fingerprint, held.check)
+    log.info(
+        "wrote %d samples in %d shards to %s",
+        manifest["num_samples"],
+        len(manifest["shards"]),
+        config.output,
+    )
+    return manifest
+
+
+def _claimed_shard(
+    config: ShardConfig, specs: list[SourceSpec], fingerprint: str, check: Callable[[], None]
+) -> dict[str, Any]:
+    """:func:`shard`'s work, under the claim whose ``check`` raises once it is lost."""
     stale = _stale_files(config.output)
     prepared = prepare(config, specs)
     workers = config.workers or os.cpu_count() or 1
@@ -317,23 +345,18 @@ def shard(config: ShardConfig) -> dict[str, Any]:
         try:
             tags = {"upstream.source": config.source, "upstream.split": config.split}
             with tracking.stage_run(config, config.experiment, tags=tags):
-                manifest = _write(config, prepared, fingerprint, stale, pool, workers)
+                return _write(config, prepared, fingerprint, stale, pool, workers, check)
         finally:
             if pool is not None:
                 pool.terminate()
                 pool.join()
     finally:
         gc.unfreeze()
-    log.info(
-        "wrote %d samples in %d shards to %s",
-        manifest["num_samples"],
-        len(manifest["shards"]),
-        config.output,
-    )
-    return manifest
 
 
-def _complete_manifest(config: ShardConfig, fingerprint: str) -> dict[str, Any] | None:
+def _complete_manifest(
+    config: ShardConfig, fingerprint: str, warn: bool = True
+) -> dict[str, Any] | None:
     """The manifest at ``config.output`` if it is this config's (logged as a reused run)."""
     manifest_uri = storage.join(config.output, MANIFEST)
     if not storage.exists(manifest_uri):
@@ -347,11 +370,12 @@ def _complete_manifest(config: ShardConfig, fingerprint: str) -> dict[str, Any] 
         and existing.get("fingerprint") == fingerprint
         and existing.get("format") == FORMAT_VERSION
     ):
-        log.warning(
-            "%s holds other shards (fingerprint %s); replacing them",
-            config.output,
-            existing.get("fingerprint") if isinstance(existing, dict) else None,
-        )
+        if warn:
+            log.warning(
+                    "%s holds other shards (fingerprint %s); replacing them",
+                config.output,
+                existing.get("fingerprint") if isinstance(existing, dict) else None,
+            )
         return None
     log.info("shards at %s are up to date (fingerprint %s)", config.output, fingerprint)
     # Still one MLflow run per stage call, so a pipeline run's record is complete.
@@ -586,8 +610,9 @@ def _stale_files(output: str) -> list[str]:
     """What an earlier attempt left at ``output``; refuses outputs holding anything else."""
     if not storage.is_s3(output) and Path(output).exists() and not Path(output).is_dir():
         raise UpstreamError(f"shard: output {output} is a file, not a folder")
-    found = list(storage.list_files(output))
     base = output.rstrip("/") + "/"
+    # The claim is the running writer's own (claims.py): never stale, never cleared.
+    found = [u for u in storage.list_files(output) if _relative(base, u) != claims.CLAIM_FILE]
     foreign = [u for u in found if not _OWN_FILES.fullmatch(_relative(base, u))]
     if foreign:
         raise UpstreamError(
@@ -634,13 +659,16 @@ class _Progress:
     """``.progress.json``: the shards uploaded so far, rewritten after each one."""
 
     def __init__(
-        self, output: str, fingerprint: str, digest: str, done: list[dict[str, Any]]
+        self, output: str, fingerprint: str, digest: str, done: list[dict[str, Any]],
+        check: Callable[[], None],
     ) -> None:
+        self.check = check
         self.uri = storage.join(output, PROGRESS)
         self.head = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "plan": digest}
         self.done = list(done)
 
     def uploaded(self, shard: FinishedShard, size: int, sha256: str) -> None:
+        self.check()  # a writer that lost its claim records nothing more
         self.done.append(
             {
                 "name": shard.name,
@@ -665,6 +693,7 @@ def _write(
     stale: list[str],
     pool: Any,
     workers: int,
+    check: Callable[[], None],
 ) -> dict[str, Any]:
     import mlflow
 
@@ -677,7 +706,7 @@ def _write(
             "continuing %s after %d finished shard(s) (%d of %d images done)",
             config.output, len(done), start, n,
         )
-    progress = _Progress(config.output, fingerprint, prepared.digest, done)
+    progress = _Progress(config.output, fingerprint, prepared.digest, done, check)
     names = [str(spec) for spec in prepared.specs]
     with tqdm(
         total=n, initial=start, desc=f"shard {config.source} ({config.split})", unit="img"
@@ -721,6 +750,7 @@ def _write(
     labels = [label for p, (_, _, label) in enumerate(prepared.job.sequence) if p not in gone]
     kshot = _kshot_lists(config, labels, prepared.plan.class_names)
     manifest = _manifest(config, prepared, fingerprint, shards, skipped, labels, list(kshot))
+    check()
     storage.write_json(
         storage.join(config.output, SIZES), {e["name"]: e["num_samples"] for e in shards}
     )

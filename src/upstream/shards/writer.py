@@ -4,7 +4,9 @@ The main process takes the workers' samples in order (:mod:`upstream.shards.work
 numbers them, and writes them into tar shards (the bytes ``webdataset.TarWriter`` writes, made
 faster: :mod:`upstream.shards.tars`), cutting them by count and by bytes; an uploader thread
 uploads each finished shard while the next one is written. A local output gets its shards
-written in place, as ``.shard-NNNNNN.tar.part`` renamed when complete.
+written in place, as ``.shard-NNNNNN.tar.TAG.part`` renamed when complete (``TAG`` is drawn per
+writer, so that two writers never write into one file, even when one of them should not be
+writing at all).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,6 +64,7 @@ class ShardCutter:
     _next: int = field(default=0, init=False)
     _keys: set[str] = field(default_factory=set, init=False)
     _skipped: list[dict[str, Any]] = field(default_factory=list, init=False)
+    _tag: str = field(default_factory=lambda: secrets.token_hex(4), init=False)
 
     def __post_init__(self) -> None:
         self.shard_no = self.first_shard
@@ -73,7 +77,7 @@ class ShardCutter:
     @property
     def _path(self) -> Path:
         # A name that readers and listings of shards skip until the shard is complete.
-        return self.folder / f".{self.name}.part"
+        return self.folder / f".{self.name}.{self._tag}.part"
 
     def add(self, sample: Encoded) -> None:
         members = sample.members(f"{self.written:0{self.key_width}d}")
