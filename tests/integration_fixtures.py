@@ -30,3 +30,26 @@ def local_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[service
         services.restore_env(changes)
         storage._client.cache_clear()
         services.down(home)
+
+
+@pytest.fixture(autouse=True)
+def _services_env(request: pytest.FixtureRequest) -> Iterator[None]:
+    """For a test that uses ``local_services``: the services' variables, whatever an earlier
+    test left in this process's environment. Module fixtures save and restore the variables
+    they change, and one of them may have been active when the session's services started,
+    so that its restore took their values out again; which test comes first depends on how
+    pytest-xdist hands the files to its workers."""
+    if "local_services" not in request.fixturenames:
+        yield
+        return
+    info = request.getfixturevalue("local_services")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            mp.delenv(name, raising=False)
+        for name, value in services.env(info).items():
+            mp.setenv(name, value)
+        storage._client.cache_clear()
+        try:
+            yield
+        finally:
+            storage._client.cache_clear()

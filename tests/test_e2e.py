@@ -62,7 +62,8 @@ def local_run(local_services):
 def _runs_of(local_run) -> dict[str, list]:
     import mlflow
 
-    # An earlier test may have pointed mlflow elsewhere (set_tracking_uri outlives it).
+    # An earlier test may have pointed mlflow elsewhere (set_tracking_uri outlives it); the
+    # environment is the services' (tests/integration_fixtures.py).
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
     group = re.search(r"upstream\.group=(\S+)", local_run.stdout).group(1)

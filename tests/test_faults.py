@@ -325,6 +325,63 @@ def test_mlflow_killed_mid_pretrain(digits: str, stack: Stack, tmp_path: Path) -
     assert client.search_model_versions(f"run_id = '{run.info.run_id}'")
 
 
+def _finetune_lp(data: str, output: Path) -> list[str]:
+    # Linear probes (seconds a cell) on the pretrain drill's checkpoint: three (k, seed)
+    # groups, so that models are still to be logged when a service dies after the first.
+    return ["finetune", "--data", data, "--pretrained", "s3://upstream/faults/pretrain",
+            "--output", str(output), "--modes", "lp", "--shots", "2,3,4", "--seeds", "0",
+            "--val-per-class", "2", "--probe-c-points", "4", "--experiment", "faults"]
+
+
+def _start_until_a_cell(args: list[str], env: dict[str, str]) -> tuple[Any, list[str], Any]:
+    proc = subprocess.Popen([sys.executable, "-m", "upstream", *args], env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")),
+                              daemon=True)
+    reader.start()
+    _wait_for(lambda: any("val top-1" in ln for ln in lines), 120, proc, "a finished cell")
+    return proc, lines, reader
+
+
+@pytest.mark.integration
+def test_mlflow_killed_mid_finetune(digits: str, stack: Stack, tmp_path: Path) -> None:
+    """MLflow SIGKILLed while finetune runs its grid (before: ~500 s, 10 tracebacks, the runs
+    RUNNING forever): one line naming MLflow within the bound; once MLflow is back, the next
+    run of the same config closes the runs the dead process left RUNNING, and finishes."""
+    env = _stack_env(stack, tmp_path)
+    if stack.restarted is None:  # run alone: the pretrain drill did not leave MLflow restarted
+        pytest.skip("needs the checkpoint of test_mlflow_killed_mid_pretrain")
+    args = _finetune_lp(digits, tmp_path / "ft")
+    proc, lines, reader = _start_until_a_cell(args, env)
+    stack.kill(stack.restarted.pid)
+    stack.restarted.wait(30)
+    t0 = time.monotonic()
+    try:
+        proc.wait(timeout=BOUND_S + 60)
+    finally:
+        proc.kill()
+    reader.join(10)
+    seconds = time.monotonic() - t0
+    stderr = "".join(lines)
+    assert proc.returncode != 0, stderr
+    assert seconds < BOUND_S, stderr
+    errors = _error_lines(stderr)
+    assert len(errors) == 1, stderr
+    assert f"MLflow tracking server {stack.info.mlflow_uri}" in errors[0], errors[0]
+
+    stack.restart_mlflow()
+    client = _client(stack)
+    experiment = client.get_experiment_by_name("faults")
+    query = "tags.`upstream.stage` = 'finetune'"
+    left = {r.info.status for r in client.search_runs([experiment.experiment_id], query)}
+    assert "RUNNING" in left  # the server died before the grid could end its runs
+    code, stderr, _ = _cli(args, env, timeout=BOUND_S)
+    assert code == 0, stderr
+    after = {r.info.status for r in client.search_runs([experiment.experiment_id], query)}
+    assert "RUNNING" not in after, after
+
+
 @pytest.mark.integration
 def test_s3_killed_mid_finetune(digits: str, stack: Stack, tmp_path: Path) -> None:
     """SeaweedFS SIGKILLed while finetune runs (output and data local, so that S3 is reached
@@ -333,18 +390,7 @@ def test_s3_killed_mid_finetune(digits: str, stack: Stack, tmp_path: Path) -> No
     env = _stack_env(stack, tmp_path)
     if stack.restarted is None:  # run alone: the pretrain drill did not leave MLflow restarted
         pytest.skip("needs the checkpoint of test_mlflow_killed_mid_pretrain")
-    # Linear probes (seconds a cell): three (k, seed) groups, so that models are still to be
-    # logged when S3 dies after the first.
-    args = ["finetune", "--data", digits, "--pretrained", "s3://upstream/faults/pretrain",
-            "--output", str(tmp_path / "ft"), "--modes", "lp", "--shots", "2,3,4", "--seeds",
-            "0", "--val-per-class", "2", "--probe-c-points", "4", "--experiment", "faults"]
-    proc = subprocess.Popen([sys.executable, "-m", "upstream", *args], env=env, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")),
-                              daemon=True)
-    reader.start()
-    _wait_for(lambda: any("val top-1" in ln for ln in lines), 120, proc, "a finished cell")
+    proc, lines, reader = _start_until_a_cell(_finetune_lp(digits, tmp_path / "ft"), env)
     stack.kill(stack.info.s3_pid)
     t0 = time.monotonic()
     try:

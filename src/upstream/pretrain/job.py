@@ -64,7 +64,7 @@ def run(
     storage.write_bytes(config_uri, config.model_dump_json().encode())
     manifest = job_manifest(config, config_uri, image)
     pytorchjob.submit_and_wait(manifest, api=api, poll_s=poll_s)
-    done = _completed(storage.join(config.output, "checkpoint.pt"))
+    done = _completed(storage.join(config.output, "checkpoint.pt"), config)
     if done is None:
         raise UpstreamError(f"pretrain: job {manifest['metadata']['name']} succeeded but "
                             f"wrote no checkpoint at {config.output}")
