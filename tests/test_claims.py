@@ -144,6 +144,20 @@ def refused_in_one_line(stderr: str, holder_pid: int, fingerprint: str) -> None:
     assert f"pid {holder_pid}" in errors[0] and fingerprint in errors[0], errors[0]
 
 
+def only_the_winners_config_ran(result: dict[str, Any], fps: dict[str, str]) -> str:
+    """The race's winner; every racer of its config exited 0, every other one was refused in
+    one line naming the winner."""
+    winner = result["winner"]
+    for name, fp in fps.items():
+        code, stderr = result[name]
+        if fp == fps[winner]:
+            assert code == 0, stderr[-2000:]
+        else:
+            assert code == 2, stderr[-2000:]
+            refused_in_one_line(stderr, result["pids"][winner], fps[winner])
+    return winner
+
+
 @pytest.mark.parametrize("store", ["s3", "local"])
 def test_shard_one_writer_per_output(store: str, place: Any, tmp_path: Path) -> None:
     """Two configs (on S3 also a second copy of one) started together on one output: one
@@ -157,14 +171,7 @@ def test_shard_one_writer_per_output(store: str, place: Any, tmp_path: Path) -> 
     assert fps["a"] == fps.get("a-again", fps["a"]) != fps["b"]
     result = race({n: cli_args("shard", {**v, "output": output}) for n, v in configs.items()},
                   output, tmp_path / "logs")
-    winner = result["winner"]
-    for name in configs:
-        code, stderr = result[name]
-        if fps[name] == fps[winner]:
-            assert code == 0, stderr[-2000:]
-        else:
-            assert code == 2, stderr[-2000:]
-            refused_in_one_line(stderr, result["pids"][winner], fps[winner])
+    winner = only_the_winners_config_ran(result, fps)
     reference = str(tmp_path / "lone")
     shard(ShardConfig.parse(**configs[winner], output=reference))
     same_set(output, reference)
@@ -191,14 +198,7 @@ def test_pretrain_one_writer_per_output(store: str, place: Any, tmp_path: Path,
     fps = {n: PretrainConfig.parse(**v, output=output).fingerprint() for n, v in configs.items()}
     result = race({n: cli_args("pretrain", {**v, "output": output})
                    for n, v in configs.items()}, output, tmp_path / "logs")
-    winner = result["winner"]
-    for name in configs:
-        code, stderr = result[name]
-        if fps[name] == fps[winner]:
-            assert code == 0, stderr[-2000:]
-        else:
-            assert code == 2, stderr[-2000:]
-            refused_in_one_line(stderr, result["pids"][winner], fps[winner])
+    winner = only_the_winners_config_ran(result, fps)
     method = configs[winner]["method"]
     names = sorted(files(output))
     assert names == ["checkpoint.pt", "state/latest", "state/step-00000002.pt"], names
